@@ -1,0 +1,5 @@
+import sys
+
+from cvzoo.cli import main
+
+sys.exit(main())

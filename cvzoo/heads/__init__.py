@@ -1,0 +1,17 @@
+"""Heads: feature maps -> raw prediction tensors (NamedTuples). They know nothing of targets."""
+
+from cvzoo.heads.classification import ClassificationHead, ClassificationOutput
+from cvzoo.heads.multitask import MultiTaskHead
+from cvzoo.heads.pooling import GlobalPool
+from cvzoo.heads.regression import KeypointOutput, KeypointRegressionHead, RegressionHead, RegressionOutput
+
+__all__ = [
+    "ClassificationHead",
+    "ClassificationOutput",
+    "GlobalPool",
+    "KeypointOutput",
+    "KeypointRegressionHead",
+    "MultiTaskHead",
+    "RegressionHead",
+    "RegressionOutput",
+]

@@ -1,0 +1,224 @@
+"""Named builders: the one table behind hubconf.py and the `cvzoo` command.
+
+Every builder is a small function that calls constructors; keyword arguments pass through to the
+part they name (e.g. `num_classes`, `out_channels`, `pretrained`, `frozen_stages`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from cvzoo.backbones import (
+    TimmBackbone,
+    TorchvisionBackbone,
+    convnext_atto,
+    convnext_micro,
+    convnext_tiny,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet_micro,
+)
+from cvzoo.classification import ImageClassifier, MultiTaskModel
+from cvzoo.heads import ClassificationHead, KeypointRegressionHead, MultiTaskHead, RegressionHead
+from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
+
+TASKS = ("backbone", "features", "classification", "multitask")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    task: str  # one of TASKS: "features" are backbone + neck pyramids
+    extra: str | None = None  # the pip extra it needs beyond the core install
+
+    @property
+    def description(self) -> str:
+        return (self.builder.__doc__ or "").strip().splitlines()[0]
+
+    def __call__(self, **kwargs) -> nn.Module:
+        return self.builder(**kwargs)
+
+
+# ---- backbones built on timm and torchvision -------------------------------------------------------
+
+def timm_resnet18(pretrained: bool = False, **kwargs) -> TimmBackbone:
+    """timm ResNet-18 features at strides 8/16/32 (timm's weights with pretrained=True)."""
+    return TimmBackbone("resnet18", pretrained=pretrained, **kwargs)
+
+
+def timm_convnext_atto(pretrained: bool = False, **kwargs) -> TimmBackbone:
+    """timm ConvNeXt-Atto features at strides 8/16/32."""
+    return TimmBackbone("convnext_atto", pretrained=pretrained, **kwargs)
+
+
+def timm_efficientnet_b0(pretrained: bool = False, **kwargs) -> TimmBackbone:
+    """timm EfficientNet-B0 features at strides 8/16/32."""
+    return TimmBackbone("efficientnet_b0", pretrained=pretrained, **kwargs)
+
+
+def timm_vit_tiny(pretrained: bool = False, **kwargs) -> TimmBackbone:
+    """timm ViT-Ti/16 with a simple feature pyramid (strides 8/16/32 from its stride-16 map)."""
+    return TimmBackbone("vit_tiny_patch16_224", pretrained=pretrained, **kwargs)
+
+
+def tv_resnet50(weights: str | None = None, **kwargs) -> TorchvisionBackbone:
+    """torchvision ResNet-50 trunk at strides 8/16/32 (FrozenBatchNorm when weights are given)."""
+    return TorchvisionBackbone("resnet50", weights=weights, **kwargs)
+
+
+def tv_mobilenet_v3_large(weights: str | None = None, **kwargs) -> TorchvisionBackbone:
+    """torchvision MobileNetV3-Large trunk at strides 8/16/32."""
+    return TorchvisionBackbone("mobilenet_v3_large", weights=weights, **kwargs)
+
+
+# ---- backbone + neck pyramids -------------------------------------------------------------------------
+
+def resnet_micro_fpn(pretrained: bool = False, out_channels: int = 64, **kwargs) -> BackboneWithNeck:
+    """ResNet-micro + FPN, P3-P7 (64 channels): the CPU-sized detector trunk."""
+    backbone = resnet_micro(pretrained=pretrained)
+    return BackboneWithNeck(backbone, FPN(backbone.feature_info, out_channels, extra_levels=2, **kwargs))
+
+
+def resnet_micro_pan(pretrained: bool = False, out_channels: int = 64, **kwargs) -> BackboneWithNeck:
+    """ResNet-micro + PAN (FPN then bottom-up path), P3-P5 (64 channels)."""
+    backbone = resnet_micro(pretrained=pretrained)
+    return BackboneWithNeck(backbone, PAN(backbone.feature_info, out_channels, **kwargs))
+
+
+def resnet_micro_bifpn(pretrained: bool = False, out_channels: int = 32, **kwargs) -> BackboneWithNeck:
+    """ResNet-micro + BiFPN (2 repeats), P3-P7 (32 channels)."""
+    backbone = resnet_micro(pretrained=pretrained)
+    kwargs.setdefault("num_repeats", 2)
+    return BackboneWithNeck(backbone, BiFPN(backbone.feature_info, out_channels, **kwargs))
+
+
+def convnext_micro_fpn(pretrained: bool = False, out_channels: int = 64, **kwargs) -> BackboneWithNeck:
+    """ConvNeXt-micro + FPN, P3-P7 (64 channels)."""
+    backbone = convnext_micro(pretrained=pretrained)
+    return BackboneWithNeck(backbone, FPN(backbone.feature_info, out_channels, extra_levels=2, **kwargs))
+
+
+def resnet18_fpn(pretrained: bool = False, out_channels: int = 256, **kwargs) -> BackboneWithNeck:
+    """ResNet-18 + FPN, P3-P7 (256 channels, P6/P7 from P5 as RetinaNet/FCOS)."""
+    backbone = resnet18(pretrained=pretrained)
+    return BackboneWithNeck(backbone, FPN(backbone.feature_info, out_channels, extra_levels=2, **kwargs))
+
+
+def resnet50_fpn(pretrained: bool = False, out_channels: int = 256, **kwargs) -> BackboneWithNeck:
+    """ResNet-50 + FPN, P3-P7 (256 channels), the trunk of torchvision's RetinaNet/FCOS."""
+    backbone = resnet50(pretrained=pretrained)
+    return BackboneWithNeck(backbone, FPN(backbone.feature_info, out_channels, extra_levels=2, **kwargs))
+
+
+# ---- image-level task models --------------------------------------------------------------------------
+
+def _classifier(backbone: nn.Module, num_classes: int, **head_kwargs) -> ImageClassifier:
+    head = ClassificationHead(backbone.feature_info[-1].channels, num_classes, **head_kwargs)
+    return ImageClassifier(backbone, head)
+
+
+def resnet_micro_classifier(num_classes: int = 10, pretrained: bool = False, **kwargs) -> ImageClassifier:
+    """ResNet-micro image classifier (0.2M parameters), for CPU training demos."""
+    return _classifier(resnet_micro(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
+
+
+def convnext_micro_classifier(num_classes: int = 10, pretrained: bool = False, **kwargs) -> ImageClassifier:
+    """ConvNeXt-micro image classifier (0.3M parameters)."""
+    return _classifier(convnext_micro(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
+
+
+def resnet18_classifier(num_classes: int = 1000, pretrained: bool = False, **kwargs) -> ImageClassifier:
+    """ResNet-18 image classifier (torchvision's ImageNet trunk weights with pretrained=True)."""
+    return _classifier(resnet18(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
+
+
+def resnet50_classifier(num_classes: int = 1000, pretrained: bool = False, **kwargs) -> ImageClassifier:
+    """ResNet-50 image classifier (torchvision's ImageNet trunk weights with pretrained=True)."""
+    return _classifier(resnet50(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
+
+
+def convnext_atto_classifier(num_classes: int = 1000, pretrained: bool = False, **kwargs) -> ImageClassifier:
+    """ConvNeXt-Atto image classifier (timm's ImageNet trunk weights with pretrained=True)."""
+    return _classifier(convnext_atto(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
+
+
+def resnet_micro_multitask(num_classes: int = 4, num_keypoints: int = 4, value_range: tuple[float, float] = (0.0, 1.0),
+                           pretrained: bool = False, loss_weights: dict[str, float] | None = None) -> MultiTaskModel:
+    """ResNet-micro with three heads: class, a bounded scalar value (a price) and keypoints (corners)."""
+    backbone = resnet_micro(pretrained=pretrained, out_indices=(3,))
+    c = backbone.feature_info[-1].channels
+    head = MultiTaskHead({
+        "label": ClassificationHead(c, num_classes),
+        "value": RegressionHead(c, 1, value_range=value_range),
+        "keypoints": KeypointRegressionHead(c, num_keypoints, hidden=64),
+    })
+    return MultiTaskModel(backbone, head, loss_weights=loss_weights)
+
+
+def resnet18_multitask(num_classes: int = 4, num_keypoints: int = 4, value_range: tuple[float, float] = (0.0, 1.0),
+                       pretrained: bool = False, loss_weights: dict[str, float] | None = None) -> MultiTaskModel:
+    """ResNet-18 with three heads: class, a bounded scalar value (a price) and keypoints (corners)."""
+    backbone = resnet18(pretrained=pretrained, out_indices=(3,))
+    c = backbone.feature_info[-1].channels
+    head = MultiTaskHead({
+        "label": ClassificationHead(c, num_classes),
+        "value": RegressionHead(c, 1, value_range=value_range),
+        "keypoints": KeypointRegressionHead(c, num_keypoints, hidden=256),
+    })
+    return MultiTaskModel(backbone, head, loss_weights=loss_weights)
+
+
+def _entries() -> list[ZooEntry]:
+    own_backbones = [resnet_micro, resnet18, resnet34, resnet50, convnext_micro, convnext_atto, convnext_tiny]
+    return [
+        *(ZooEntry(f.__name__, f, "backbone") for f in own_backbones),
+        *(ZooEntry(f.__name__, f, "backbone", "timm")
+          for f in (timm_resnet18, timm_convnext_atto, timm_efficientnet_b0, timm_vit_tiny)),
+        ZooEntry("tv_resnet50", tv_resnet50, "backbone"),
+        ZooEntry("tv_mobilenet_v3_large", tv_mobilenet_v3_large, "backbone"),
+        *(ZooEntry(f.__name__, f, "features") for f in (
+            resnet_micro_fpn, resnet_micro_pan, resnet_micro_bifpn, convnext_micro_fpn, resnet18_fpn, resnet50_fpn)),
+        *(ZooEntry(f.__name__, f, "classification") for f in (
+            resnet_micro_classifier, convnext_micro_classifier, resnet18_classifier, resnet50_classifier,
+            convnext_atto_classifier)),
+        ZooEntry("resnet_micro_multitask", resnet_micro_multitask, "multitask"),
+        ZooEntry("resnet18_multitask", resnet18_multitask, "multitask"),
+    ]
+
+
+MODELS: dict[str, ZooEntry] = {e.name: e for e in _entries()}
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The zoo entry called `name`; an unknown name raises a ValueError listing the close matches."""
+    if name in MODELS:
+        return MODELS[name]
+    close = difflib.get_close_matches(name, list(MODELS), n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known names: {', '.join(MODELS)}"
+    raise ValueError(f"unknown model name {name!r}{hint}")
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Builds the zoo entry `name` with `kwargs` passed to its builder."""
+    return get_entry(name)(**kwargs)
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Zoo names, optionally only those of one task (see TASKS)."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return [n for n, e in MODELS.items() if task is None or e.task == task]
+
+
+def markdown_table() -> str:
+    """The zoo as a Markdown table (the one in README.md)."""
+    rows = ["| name | task | needs | description |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{e.name}` | {e.task} | {f'cvzoo[{e.extra}]' if e.extra else 'core'} | {e.description} |"
+             for e in MODELS.values()]
+    return "\n".join(rows)

@@ -1,0 +1,115 @@
+"""Contract suite over every zoo entry: declared metadata vs real outputs, gradients, compile, weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cvzoo.zoo import MODELS, TASKS, create_model, get_entry, list_models, markdown_table
+
+NAMES = list(MODELS)
+OWN = [n for n, e in MODELS.items() if not n.startswith(("timm_", "tv_"))]  # own backbones, necks and heads
+
+
+def _input(model, batch: int = 2) -> torch.Tensor:
+    sig = model.signature
+    side = max(64, sig.min_size)
+    side = math.ceil(side / sig.size_divisor) * sig.size_divisor
+    return torch.randn(batch, sig.in_channels, side, side + sig.size_divisor * 2 if sig.size_divisor > 1 else side + 3)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a model output: a list of maps, a NamedTuple, or a dict of NamedTuples."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    return [t for v in out for t in _tensors(v)]
+
+
+def test_zoo_has_a_dozen_entries_of_every_task():
+    assert len(MODELS) >= 12
+    for task in TASKS:
+        assert list_models(task), task
+    for e in MODELS.values():
+        assert e.description and e.name.isidentifier()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declared_outputs_match_real_outputs(name):
+    model = create_model(name).eval()
+    x = _input(model)
+    with torch.no_grad():
+        out = model(x)
+    task = MODELS[name].task
+    if task in ("backbone", "features"):
+        assert isinstance(out, list) and len(out) == len(model.feature_info) == len(model.signature.outputs)
+        for f, info in zip(out, model.feature_info):
+            assert f.shape[:2] == (2, info.channels)
+            for size, expected in zip(f.shape[-2:], x.shape[-2:]):
+                assert abs(size - math.ceil(expected / info.stride)) <= 1, (name, f.shape, info)
+    elif task == "classification":
+        assert out.logits.shape == (2, model.num_classes)
+    else:
+        assert set(out) == set(model.signature.outputs) == set(model.tasks)
+    assert all(torch.isfinite(t).all() for t in _tensors(out))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_reaches_every_trainable_parameter(name):
+    model = create_model(name).train()
+    out = model(_input(model))
+    sum(t.float().square().mean() for t in _tensors(out)).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    no_grad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, no_grad
+    assert any(p.grad.abs().sum() > 0 for _, p in trainable)
+
+
+@pytest.mark.parametrize("name", OWN)
+def test_compiles_without_graph_breaks_and_agrees_with_eager(name):
+    torch._dynamo.reset()
+    model = create_model(name).eval()
+    x = _input(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        eager, comp = _tensors(model(x)), _tensors(compiled(x))
+    assert len(eager) == len(comp)
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_safetensors_round_trip_into_a_fresh_model(name, tmp_path):
+    model = create_model(name).eval()
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    torch.manual_seed(123)  # the fresh model starts from different random weights
+    fresh = create_model(name).eval()
+    x = _input(model)
+    with torch.no_grad():
+        before = _tensors(fresh(x))
+        fresh.load_state_dict(load_file(str(path)))
+        expected, got = _tensors(model(x)), _tensors(fresh(x))
+    assert any(not torch.equal(a, b) for a, b in zip(before, expected)), "fresh model was not freshly initialised"
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(ValueError, match="resnet18_fpn"):
+        get_entry("resnet18_fnp")
+    with pytest.raises(ValueError, match="unknown model name 'zzz'"):
+        create_model("zzz")
+    with pytest.raises(ValueError, match="task must be one of"):
+        list_models("detection-ish")
+
+
+def test_markdown_table_lists_every_entry():
+    table = markdown_table()
+    for name in MODELS:
+        assert f"| `{name}` |" in table
