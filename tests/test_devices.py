@@ -1,0 +1,66 @@
+"""Device and dtype behaviour: CUDA with bf16 autocast and channels_last, and one inductor compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvzoo.zoo import create_model
+
+FEATURE_MODELS = ["resnet_micro_fpn", "resnet_micro_pan", "resnet_micro_bifpn", "convnext_micro_fpn", "resnet18_fpn"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_cuda_bf16_channels_last_matches_fp32(name):
+    model = create_model(name).cuda().eval()
+    x = torch.randn(2, 3, 97, 131, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(ref, out):
+        assert b.dtype == torch.bfloat16 and torch.isfinite(b).all()
+        assert (a - b.float()).norm() / a.norm() < 0.05
+
+
+@pytest.mark.cuda
+def test_cuda_classifier_loss_is_float32_under_autocast_and_trains():
+    model = create_model("resnet_micro_classifier", num_classes=3).cuda()
+    images = torch.randn(8, 3, 64, 64, device="cuda")
+    labels = torch.randint(0, 3, (8,), device="cuda")
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    first = None
+    for _ in range(20):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(images, labels)["loss"]
+        assert loss.dtype == torch.float32
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.5 * first
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.loss(images.masked_fill(images > 3, float("nan")), labels)
+
+
+@pytest.mark.cuda
+def test_cuda_inductor_compile_matches_eager():
+    model = create_model("resnet_micro_fpn").cuda().eval()
+    x = torch.randn(2, 3, 128, 160, device="cuda")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for a, b in zip(model(x), compiled(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cpu_inductor_compile_matches_eager():
+    torch._dynamo.reset()
+    model = create_model("resnet_micro_fpn").eval()
+    x = torch.randn(1, 3, 64, 96)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        for a, b in zip(model(x), compiled(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
