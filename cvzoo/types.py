@@ -37,6 +37,12 @@ def check_feature_info(feature_info: Sequence[FeatureInfo], name: str = "feature
     return info
 
 
+def cast_like_parameters(images: Tensor, module: torch.nn.Module) -> Tensor:
+    """Floating images in the module's parameter dtype (float64 input to a float32 model just works)."""
+    param = next(module.parameters(), None)
+    return images if param is None or images.dtype == param.dtype else images.to(param.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Signature:
     """What a model takes and returns, kept apart from the arguments that shape its internals.

@@ -24,10 +24,20 @@ from cvzoo.backbones import (
     resnet_micro,
 )
 from cvzoo.classification import ImageClassifier, MultiTaskModel
-from cvzoo.heads import ClassificationHead, KeypointRegressionHead, MultiTaskHead, RegressionHead
+from cvzoo.detection import ATSS, FCOS, CenterNet, RetinaNet
+from cvzoo.heads import (
+    ATSSHead,
+    CenterNetHead,
+    ClassificationHead,
+    FCOSHead,
+    KeypointRegressionHead,
+    MultiTaskHead,
+    RegressionHead,
+    RetinaHead,
+)
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
-TASKS = ("backbone", "features", "classification", "multitask")
+TASKS = ("backbone", "features", "classification", "multitask", "detection")
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,96 @@ def resnet18_multitask(num_classes: int = 4, num_keypoints: int = 4, value_range
     return MultiTaskModel(backbone, head, loss_weights=loss_weights)
 
 
+# ---- dense detectors ----------------------------------------------------------------------------------
+
+def _trunk(size: str, pretrained, channels: int | None) -> tuple[nn.Module, FPN]:
+    """(backbone, P3-P7 FPN) for "micro" (64 channels), "resnet18" and "resnet50" (256 channels)."""
+    backbone = {"micro": resnet_micro, "resnet18": resnet18, "resnet50": resnet50}[size](pretrained=pretrained)
+    channels = channels or (64 if size == "micro" else 256)
+    return backbone, FPN(backbone.feature_info, channels, extra_levels=2)
+
+
+def _retinanet(size: str, num_classes: int, pretrained, out_channels: int | None, num_convs: int,
+               **kwargs) -> RetinaNet:
+    backbone, neck = _trunk(size, pretrained, out_channels)
+    head = RetinaHead(neck.feature_info[0].channels, num_classes, 9, num_convs)
+    return RetinaNet(backbone, neck, head, **kwargs)
+
+
+def _fcos(size: str, num_classes: int, pretrained, out_channels: int | None, num_convs: int, **kwargs) -> FCOS:
+    backbone, neck = _trunk(size, pretrained, out_channels)
+    head = FCOSHead(neck.feature_info[0].channels, num_classes, len(neck.feature_info), num_convs)
+    return FCOS(backbone, neck, head, **kwargs)
+
+
+def _atss(size: str, num_classes: int, pretrained, out_channels: int | None, num_convs: int, **kwargs) -> ATSS:
+    backbone, neck = _trunk(size, pretrained, out_channels)
+    head = ATSSHead(neck.feature_info[0].channels, num_classes, len(neck.feature_info), num_convs=num_convs)
+    return ATSS(backbone, neck, head, **kwargs)
+
+
+def retinanet_micro(num_classes: int = 4, pretrained: bool = False, out_channels: int | None = None,
+                    **kwargs) -> RetinaNet:
+    """RetinaNet on ResNet-micro + FPN P3-P7, 2-conv towers: the CPU demo detector."""
+    return _retinanet("micro", num_classes, pretrained, out_channels, 2, **kwargs)
+
+
+def retinanet_resnet18_fpn(num_classes: int = 80, pretrained: bool = False, out_channels: int | None = None,
+                           **kwargs) -> RetinaNet:
+    """RetinaNet on ResNet-18 + FPN P3-P7 (256 channels), 4-conv towers."""
+    return _retinanet("resnet18", num_classes, pretrained, out_channels, 4, **kwargs)
+
+
+def retinanet_resnet50_fpn(num_classes: int = 80, pretrained: bool = False, out_channels: int | None = None,
+                           **kwargs) -> RetinaNet:
+    """RetinaNet on ResNet-50 + FPN P3-P7, torchvision's retinanet_resnet50_fpn layout."""
+    return _retinanet("resnet50", num_classes, pretrained, out_channels, 4, **kwargs)
+
+
+def fcos_micro(num_classes: int = 4, pretrained: bool = False, out_channels: int | None = None,
+               **kwargs) -> FCOS:
+    """FCOS on ResNet-micro + FPN P3-P7, 2-conv towers: anchor-free CPU demo detector."""
+    return _fcos("micro", num_classes, pretrained, out_channels, 2, **kwargs)
+
+
+def fcos_resnet18_fpn(num_classes: int = 80, pretrained: bool = False, out_channels: int | None = None,
+                      **kwargs) -> FCOS:
+    """FCOS on ResNet-18 + FPN P3-P7 (256 channels), GroupNorm towers."""
+    return _fcos("resnet18", num_classes, pretrained, out_channels, 4, **kwargs)
+
+
+def fcos_resnet50_fpn(num_classes: int = 80, pretrained: bool = False, out_channels: int | None = None,
+                      **kwargs) -> FCOS:
+    """FCOS on ResNet-50 + FPN P3-P7, torchvision's fcos_resnet50_fpn layout."""
+    return _fcos("resnet50", num_classes, pretrained, out_channels, 4, **kwargs)
+
+
+def atss_micro(num_classes: int = 4, pretrained: bool = False, out_channels: int | None = None,
+               **kwargs) -> ATSS:
+    """ATSS on ResNet-micro + FPN P3-P7, 2-conv towers."""
+    return _atss("micro", num_classes, pretrained, out_channels, 2, **kwargs)
+
+
+def atss_resnet18_fpn(num_classes: int = 80, pretrained: bool = False, out_channels: int | None = None,
+                      **kwargs) -> ATSS:
+    """ATSS on ResNet-18 + FPN P3-P7 (256 channels)."""
+    return _atss("resnet18", num_classes, pretrained, out_channels, 4, **kwargs)
+
+
+def centernet_micro(num_classes: int = 4, pretrained: bool = False, **kwargs) -> CenterNet:
+    """CenterNet on ResNet-micro + FPN, reading P3 (stride 8)."""
+    backbone = resnet_micro(pretrained=pretrained)
+    neck = FPN(backbone.feature_info, 64)
+    return CenterNet(backbone, neck, CenterNetHead(64, num_classes, head_channels=32), **kwargs)
+
+
+def centernet_resnet18(num_classes: int = 80, pretrained: bool = False, **kwargs) -> CenterNet:
+    """CenterNet on ResNet-18 from stride 4 (C2-C5 FPN, 128 channels), reading the stride-4 level."""
+    backbone = resnet18(pretrained=pretrained, out_indices=(0, 1, 2, 3))
+    neck = FPN(backbone.feature_info, 128)
+    return CenterNet(backbone, neck, CenterNetHead(128, num_classes), **kwargs)
+
+
 def _entries() -> list[ZooEntry]:
     own_backbones = [resnet_micro, resnet18, resnet34, resnet50, convnext_micro, convnext_atto, convnext_tiny]
     return [
@@ -189,6 +289,9 @@ def _entries() -> list[ZooEntry]:
             convnext_atto_classifier)),
         ZooEntry("resnet_micro_multitask", resnet_micro_multitask, "multitask"),
         ZooEntry("resnet18_multitask", resnet18_multitask, "multitask"),
+        *(ZooEntry(f.__name__, f, "detection") for f in (
+            retinanet_micro, retinanet_resnet18_fpn, retinanet_resnet50_fpn, fcos_micro, fcos_resnet18_fpn,
+            fcos_resnet50_fpn, atss_micro, atss_resnet18_fpn, centernet_micro, centernet_resnet18)),
     ]
 
 

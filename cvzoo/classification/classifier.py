@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from cvzoo.classification.targets import check_class_targets
 from cvzoo.heads import ClassificationOutput
-from cvzoo.types import Signature
+from cvzoo.types import Signature, cast_like_parameters
 
 
 class ClassificationPrediction(NamedTuple):
@@ -57,7 +57,7 @@ class ImageClassifier(nn.Module):
         return self.head(feats)
 
     def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        images = self.signature.validate(images)
+        images = cast_like_parameters(self.signature.validate(images), self)
         labels = check_class_targets(labels, images.shape[0], self.num_classes)
         logits = self(images).logits.float()  # log-probabilities in float32 under autocast
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
@@ -65,5 +65,5 @@ class ImageClassifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> ClassificationPrediction:
-        images = self.signature.validate(images)
+        images = cast_like_parameters(self.signature.validate(images), self)
         return ClassificationPrediction.from_logits(self(images).logits)

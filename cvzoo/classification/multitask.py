@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from cvzoo.classification.classifier import ClassificationPrediction
 from cvzoo.classification.targets import check_class_targets, check_value_targets
 from cvzoo.heads import ClassificationHead, KeypointRegressionHead, MultiTaskHead, RegressionHead
+from cvzoo.types import cast_like_parameters
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -87,7 +88,7 @@ class MultiTaskModel(nn.Module):
         return out
 
     def loss(self, images: Tensor, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        images = self.signature.validate(images)
+        images = cast_like_parameters(self.signature.validate(images), self)
         targets = self._check_targets(targets, images.shape[0])
         outputs = self(images)
         losses: dict[str, Tensor] = {}
@@ -100,7 +101,7 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor) -> dict[str, object]:
         """{task: ClassificationPrediction for classification heads, else the raw tensor}."""
-        images = self.signature.validate(images)
+        images = cast_like_parameters(self.signature.validate(images), self)
         outputs = self(images)
         preds: dict[str, object] = {}
         for task, head in self.head.heads.items():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -32,7 +30,7 @@ def check_class_targets(labels: object, batch: int, num_classes: int, name: str 
     if _reads_data() and batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"{name} must lie in [0, {num_classes}), got values from {int(labels.min())} "
                          f"to {int(labels.max())}")
-    return labels
+    return labels.long()  # cross_entropy takes int64 indices only
 
 
 def check_value_targets(values: object, expected_shape: tuple[int, ...], name: str) -> Tensor:
@@ -42,9 +40,9 @@ def check_value_targets(values: object, expected_shape: tuple[int, ...], name: s
     if not values.is_floating_point():
         raise ValueError(f"{name} has dtype {values.dtype}; expected a floating dtype")
     if tuple(values.shape) != expected_shape:
-        if values.numel() == 0 or values.shape[0] != expected_shape[0] or values.numel() != math.prod(expected_shape):
+        if expected_shape[1:] != (1,) or tuple(values.shape) != expected_shape[:1]:
             raise ValueError(f"{name} must have shape {expected_shape}, got {tuple(values.shape)}")
-        values = values.reshape(expected_shape)  # e.g. (B,) for a single regression output
+        values = values[:, None]  # (B,) for a single regression output -> (B, 1)
     if _reads_data() and not bool(torch.isfinite(values).all()):
         raise ValueError(f"{name} contains NaN or inf values")
     return values

@@ -1,11 +1,31 @@
 """Heads: feature maps -> raw prediction tensors (NamedTuples). They know nothing of targets."""
 
 from cvzoo.heads.classification import ClassificationHead, ClassificationOutput
+from cvzoo.heads.dense import (
+    ATSSHead,
+    ATSSOutput,
+    CenterNetHead,
+    CenterNetOutput,
+    DenseOutput,
+    FCOSHead,
+    FCOSOutput,
+    RetinaHead,
+    group_norm_32,
+)
 from cvzoo.heads.multitask import MultiTaskHead
 from cvzoo.heads.pooling import GlobalPool
 from cvzoo.heads.regression import KeypointOutput, KeypointRegressionHead, RegressionHead, RegressionOutput
 
 __all__ = [
+    "ATSSHead",
+    "ATSSOutput",
+    "CenterNetHead",
+    "CenterNetOutput",
+    "DenseOutput",
+    "FCOSHead",
+    "FCOSOutput",
+    "RetinaHead",
+    "group_norm_32",
     "ClassificationHead",
     "ClassificationOutput",
     "GlobalPool",

@@ -19,10 +19,14 @@ class KeypointOutput(NamedTuple):
     points: Tensor  # (B, K, 2): (x, y) as fractions of the input width and height, in [0, 1]
 
 
-def _mlp(in_channels: int, out_features: int, hidden: int, dropout: float) -> nn.Sequential:
-    if in_channels < 1 or out_features < 1 or hidden < 0:
-        raise ValueError(f"in_channels and outputs must be positive and hidden >= 0, got in_channels={in_channels}, "
-                         f"outputs={out_features}, hidden={hidden}")
+def _mlp(in_channels: int, out_features: int, hidden: int, dropout: float, out_name: str,
+         out_value: int) -> nn.Sequential:
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be positive, got {in_channels}")
+    if out_features < 1:
+        raise ValueError(f"{out_name} must be positive, got {out_value}")
+    if hidden < 0:
+        raise ValueError(f"hidden must be >= 0, got {hidden}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     if hidden == 0:
@@ -46,13 +50,13 @@ class RegressionHead(nn.Module):
         self.num_outputs = num_outputs
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
         self.pool = GlobalPool(pool, in_index)
-        self.mlp = _mlp(in_channels, num_outputs, hidden, dropout)
+        self.mlp = _mlp(in_channels, num_outputs, hidden, dropout, "num_outputs", num_outputs)
 
     def forward(self, feats: Sequence[Tensor] | Tensor) -> RegressionOutput:
         z = self.mlp(self.pool(feats))
         if self.value_range is not None:
             low, high = self.value_range
-            z = low + (high - low) * torch.sigmoid(z)
+            z = (low + (high - low) * torch.sigmoid(z)).clamp(low, high)  # clamp: float32 rounding at saturation
         return RegressionOutput(z)
 
 
@@ -70,7 +74,7 @@ class KeypointRegressionHead(nn.Module):
             raise ValueError(f"num_keypoints must be positive, got {num_keypoints}")
         self.num_keypoints = num_keypoints
         self.pool = GlobalPool(pool, in_index)
-        self.mlp = _mlp(in_channels, 2 * num_keypoints, hidden, dropout)
+        self.mlp = _mlp(in_channels, 2 * num_keypoints, hidden, dropout, "num_keypoints", num_keypoints)
 
     def forward(self, feats: Sequence[Tensor] | Tensor) -> KeypointOutput:
         z = self.mlp(self.pool(feats))

@@ -23,6 +23,8 @@ class ExtraLevels(nn.Module):
         super().__init__()
         if mode not in ("conv", "maxpool"):
             raise ValueError(f"extra_mode must be 'conv' or 'maxpool', got {mode!r}")
+        if num_levels < 0:
+            raise ValueError(f"extra_levels must be >= 0, got {num_levels}")
         if mode == "maxpool" and in_channels != out_channels:
             raise ValueError(f"extra_mode='maxpool' keeps channels, so it needs the source to have "
                              f"out_channels={out_channels} channels, got {in_channels}")
@@ -74,6 +76,8 @@ class FPN(nn.Module):
             raise ValueError(f"extra_levels must be >= 0, got {extra_levels}")
         if extra_source not in ("input", "output"):
             raise ValueError(f"extra_source must be 'input' or 'output', got {extra_source!r}")
+        if extra_mode not in ("conv", "maxpool"):
+            raise ValueError(f"extra_mode must be 'conv' or 'maxpool', got {extra_mode!r}")
         self.lateral = nn.ModuleList(
             ConvNormAct(f.channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer) for f in info
         )

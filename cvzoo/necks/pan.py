@@ -29,6 +29,10 @@ class PAN(nn.Module):
         act_layer: ActLayer | None = nn.ReLU,
     ) -> None:
         super().__init__()
+        if extra_levels < 0:
+            raise ValueError(f"extra_levels must be >= 0, got {extra_levels}")
+        if extra_mode not in ("conv", "maxpool"):
+            raise ValueError(f"extra_mode must be 'conv' or 'maxpool', got {extra_mode!r}")
         self.fpn = FPN(feature_info, out_channels, norm_layer=norm_layer, act_layer=act_layer)
         n = len(self.fpn.feature_info)
         self.downsample = nn.ModuleList(

@@ -1,0 +1,147 @@
+"""Assigners: which ground-truth box (if any) each prior learns from, for the whole batch at once.
+
+Every assigner returns `matched (B, R) int64`: an index into the padded target rows, or BACKGROUND
+(-1), or IGNORE (-2, neither foreground nor background). Padding rows (label -1) never match. No
+loop over images or boxes; shapes depend only on (B, M, R), so everything compiles into one graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from cvzoo.detection.boxes import pairwise_iou
+from cvzoo.detection.structures import TargetBatch
+
+BACKGROUND = -1
+IGNORE = -2
+IOU_CHUNK = 16384  # priors per IoU chunk: bounds the (B, M, chunk, 2) temporaries of eager mode
+
+
+def chunked_iou(gt_boxes: Tensor, priors: Tensor, chunk: int = IOU_CHUNK) -> Tensor:
+    """(B, M, 4) x (R, 4) -> (B, M, R) IoU, computed over prior chunks (a fixed count for a given R)."""
+    return torch.cat([pairwise_iou(gt_boxes, priors[i:i + chunk]) for i in range(0, priors.shape[0], chunk)], dim=-1)
+
+
+def gather_targets(targets: TargetBatch, matched: Tensor) -> tuple[Tensor, Tensor]:
+    """Matched boxes (B, R, 4) and labels (B, R) (-1 where the prior has no match)."""
+    idx = matched.clamp(min=0)
+    boxes = torch.gather(targets.boxes, 1, idx[..., None].expand(-1, -1, 4))  # (B, R, 4)
+    labels = torch.gather(targets.labels, 1, idx)  # (B, R)
+    return boxes, torch.where(matched >= 0, labels, torch.full_like(labels, -1))
+
+
+class MaxIoUAssigner:
+    """IoU thresholds (RetinaNet, Faster R-CNN): a prior is foreground when its best IoU >= fg_iou_thresh,
+    background below bg_iou_thresh, ignored between. With `allow_low_quality_matches`, each box also
+    claims the priors of its highest IoU (if > 0), so every box gets at least one prior.
+
+    Same decisions as torchvision's `det_utils.Matcher` (applied there image by image).
+    """
+
+    def __init__(self, fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4,
+                 allow_low_quality_matches: bool = True) -> None:
+        if not 0.0 <= bg_iou_thresh <= fg_iou_thresh <= 1.0:
+            raise ValueError(f"need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1, got bg_iou_thresh={bg_iou_thresh}, "
+                             f"fg_iou_thresh={fg_iou_thresh}")
+        self.fg_iou_thresh = fg_iou_thresh
+        self.bg_iou_thresh = bg_iou_thresh
+        self.allow_low_quality_matches = allow_low_quality_matches
+
+    def __call__(self, priors: Tensor, targets: TargetBatch) -> Tensor:
+        """priors (R, 4) xyxy, targets (B, M) -> matched (B, R)."""
+        valid = targets.valid[..., None]  # (B, M, 1)
+        iou = torch.where(valid, chunked_iou(targets.boxes, priors), torch.full((), -1.0, device=priors.device))
+        best, matched = iou.max(dim=1)  # (B, R): padding rows hold -1, so they never win over a real box
+        out = torch.where(best >= self.fg_iou_thresh, matched, torch.full_like(matched, IGNORE))
+        out = torch.where(best < self.bg_iou_thresh, torch.full_like(matched, BACKGROUND), out)
+        if self.allow_low_quality_matches:
+            best_per_gt = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
+            is_best = (iou == best_per_gt) & valid & (best_per_gt > 0)
+            out = torch.where(is_best.any(dim=1), matched, out)
+        return out
+
+
+class ATSSAssigner:
+    """Adaptive training sample selection (Zhang et al. 2020): per box, the `topk` priors per level
+    closest to its centre are candidates; those with IoU >= mean + std of the candidates' IoUs and
+    centre inside the box are foreground; a prior claimed by several boxes takes the highest IoU.
+    Everything else is background.
+    """
+
+    def __init__(self, topk: int = 9) -> None:
+        if topk < 1:
+            raise ValueError(f"topk must be positive, got {topk}")
+        self.topk = topk
+
+    def __call__(self, priors: Tensor, targets: TargetBatch, num_per_level: Sequence[int]) -> Tensor:
+        """priors (R, 4), targets (B, M), `num_per_level` priors of each level (static) -> matched (B, R)."""
+        b, m = targets.labels.shape
+        iou = chunked_iou(targets.boxes, priors)  # (B, M, R)
+        prior_ctr = (priors[:, :2] + priors[:, 2:]) / 2  # (R, 2)
+        gt_ctr = (targets.boxes[..., :2] + targets.boxes[..., 2:]) / 2  # (B, M, 2)
+        dist = torch.cdist(gt_ctr.reshape(b * m, 2), prior_ctr).reshape(b, m, -1)  # (B, M, R)
+        candidates, start = [], 0
+        for n in num_per_level:  # static level structure
+            k = min(self.topk, n)
+            candidates.append(dist[..., start:start + n].topk(k, dim=-1, largest=False).indices + start)
+            start += n
+        cand = torch.cat(candidates, dim=-1)  # (B, M, K)
+        cand_iou = torch.gather(iou, 2, cand)  # (B, M, K)
+        thresh = cand_iou.mean(dim=-1, keepdim=True) + cand_iou.std(dim=-1, keepdim=True)
+        cand_ctr = prior_ctr[cand]  # (B, M, K, 2)
+        box = targets.boxes[:, :, None, :]  # (B, M, 1, 4)
+        ltrb = torch.cat([cand_ctr - box[..., :2], box[..., 2:] - cand_ctr], dim=-1)  # (B, M, K, 4)
+        positive = (cand_iou >= thresh) & (ltrb.min(dim=-1).values > 0.01) & targets.valid[..., None]
+        pos_mask = torch.zeros_like(iou, dtype=torch.bool).scatter(2, cand, positive)  # (B, M, R)
+        masked = torch.where(pos_mask, iou, torch.full((), -1.0, device=iou.device))
+        best, matched = masked.max(dim=1)  # (B, R)
+        return torch.where(best >= 0, matched, torch.full_like(matched, BACKGROUND))
+
+
+def fcos_size_ranges(strides: Sequence[int]) -> list[tuple[float, float]]:
+    """FCOS's regression ranges: (4 s, 8 s) per level of stride s, open at both ends (0, 64, ..., inf for P3-P7)."""
+    ranges = [(4.0 * s, 8.0 * s) for s in strides]
+    ranges[0] = (0.0, ranges[0][1])
+    ranges[-1] = (ranges[-1][0], float("inf"))
+    return ranges
+
+
+class FCOSAssigner:
+    """FCOS assignment for points: a point is a candidate for a box when it lies inside the box, within
+    `center_sampling_radius` strides of the box centre, and the box's largest ltrb distance from it is
+    inside its level's size range; among candidates the smallest box wins. Everything else is background.
+
+    Same decisions as torchvision's FCOS (which loops over images).
+    """
+
+    def __init__(self, center_sampling_radius: float = 1.5,
+                 size_ranges: Sequence[tuple[float, float]] | None = None) -> None:
+        if center_sampling_radius <= 0:
+            raise ValueError(f"center_sampling_radius must be positive, got {center_sampling_radius}")
+        self.center_sampling_radius = center_sampling_radius
+        self.size_ranges = None if size_ranges is None else [tuple(map(float, r)) for r in size_ranges]
+
+    def __call__(self, points: Tensor, strides: Tensor, targets: TargetBatch, num_per_level: Sequence[int],
+                 level_strides: Sequence[int]) -> Tensor:
+        """points (R, 2), strides (R,), targets (B, M) -> matched (B, R)."""
+        ranges = self.size_ranges or fcos_size_ranges(level_strides)
+        if len(ranges) != len(num_per_level):
+            raise ValueError(f"size_ranges has {len(ranges)} levels but the detector has {len(num_per_level)}")
+        lower = torch.cat([torch.full((n,), lo, device=points.device) for n, (lo, _) in zip(num_per_level, ranges)])
+        upper = torch.cat([torch.full((n,), hi, device=points.device) for n, (_, hi) in zip(num_per_level, ranges)])
+        boxes = targets.boxes[:, None, :, :]  # (B, 1, M, 4)
+        p = points[None, :, None, :]  # (1, R, 1, 2)
+        gt_ctr = (boxes[..., :2] + boxes[..., 2:]) / 2
+        in_center = (p - gt_ctr).abs().amax(dim=-1) < self.center_sampling_radius * strides[None, :, None]
+        ltrb = torch.cat([p - boxes[..., :2], boxes[..., 2:] - p], dim=-1)  # (B, R, M, 4)
+        inside = ltrb.amin(dim=-1) > 0
+        reach = ltrb.amax(dim=-1)
+        in_range = (reach > lower[None, :, None]) & (reach < upper[None, :, None])
+        match = in_center & inside & in_range & targets.valid[:, None, :]  # (B, R, M)
+        area = (targets.boxes[..., 2] - targets.boxes[..., 0]) * (targets.boxes[..., 3] - targets.boxes[..., 1])
+        score = match.to(torch.float32) * (1e8 - area[:, None, :])  # torchvision's smallest-area tie break
+        best, matched = score.max(dim=2)  # (B, R)
+        return torch.where(best < 1e-5, torch.full_like(matched, BACKGROUND), matched)

@@ -1,0 +1,78 @@
+"""Box coders: boxes <-> regression targets relative to priors. Pure functions of tensors, any leading dims.
+
+Boxes are absolute xyxy. Inverse pairs: decode(encode(b, p), p) == b.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+DEFAULT_EXP_CLAMP = math.log(1000.0 / 16)  # the largest dw/dh decoded, as torchvision/detectron2
+
+
+class BoxCoder:
+    """Delta-xywh coding (R-CNN): (dx, dy, dw, dh) = (wx (gx - px) / pw, wy (gy - py) / ph, ww log(gw / pw),
+    wh log(gh / ph)) with prior/box centres and sizes; decode clamps dw, dh at `exp_clamp`.
+
+    Same arithmetic as torchvision's `det_utils.BoxCoder`. priors (..., 4), boxes (..., 4) -> (..., 4).
+    """
+
+    def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), exp_clamp: float = DEFAULT_EXP_CLAMP) -> None:
+        if len(weights) != 4 or any(w <= 0 for w in weights):
+            raise ValueError(f"weights must be four positive numbers, got {tuple(weights)}")
+        self.weights = tuple(float(w) for w in weights)
+        self.exp_clamp = exp_clamp
+
+    def encode(self, boxes: Tensor, priors: Tensor) -> Tensor:
+        wx, wy, ww, wh = self.weights
+        pw, ph = priors[..., 2] - priors[..., 0], priors[..., 3] - priors[..., 1]
+        px, py = priors[..., 0] + 0.5 * pw, priors[..., 1] + 0.5 * ph
+        gw, gh = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        gx, gy = boxes[..., 0] + 0.5 * gw, boxes[..., 1] + 0.5 * gh
+        return torch.stack([wx * (gx - px) / pw, wy * (gy - py) / ph,
+                            ww * torch.log(gw / pw), wh * torch.log(gh / ph)], dim=-1)
+
+    def decode(self, deltas: Tensor, priors: Tensor) -> Tensor:
+        wx, wy, ww, wh = self.weights
+        priors = priors.to(deltas.dtype)
+        pw, ph = priors[..., 2] - priors[..., 0], priors[..., 3] - priors[..., 1]
+        px, py = priors[..., 0] + 0.5 * pw, priors[..., 1] + 0.5 * ph
+        dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+        dw = (deltas[..., 2] / ww).clamp(max=self.exp_clamp)
+        dh = (deltas[..., 3] / wh).clamp(max=self.exp_clamp)
+        cx, cy = dx * pw + px, dy * ph + py
+        w, h = torch.exp(dw) * pw, torch.exp(dh) * ph
+        return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+class DistanceCoder:
+    """ltrb coding for points (FCOS): distances from a point to the box's left, top, right, bottom edges,
+    divided by the point's stride when `normalize` (torchvision's BoxLinearCoder(normalize_by_size=True)).
+
+    points (..., 2) xy, strides (...) -> boxes (..., 4) <-> distances (..., 4).
+    """
+
+    def __init__(self, normalize: bool = True) -> None:
+        self.normalize = normalize
+
+    def encode(self, boxes: Tensor, points: Tensor, strides: Tensor) -> Tensor:
+        x, y = points[..., 0], points[..., 1]
+        d = torch.stack([x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y], dim=-1)
+        return d / strides[..., None] if self.normalize else d
+
+    def decode(self, distances: Tensor, points: Tensor, strides: Tensor) -> Tensor:
+        points = points.to(distances.dtype)
+        d = distances * strides[..., None].to(distances.dtype) if self.normalize else distances
+        x, y = points[..., 0], points[..., 1]
+        return torch.stack([x - d[..., 0], y - d[..., 1], x + d[..., 2], y + d[..., 3]], dim=-1)
+
+
+def centerness(ltrb: Tensor) -> Tensor:
+    """FCOS centre-ness of ltrb distances: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)). (..., 4) -> (...)."""
+    lr, tb = ltrb[..., 0::2], ltrb[..., 1::2]
+    ratio = (lr.min(dim=-1).values / lr.max(dim=-1).values) * (tb.min(dim=-1).values / tb.max(dim=-1).values)
+    return torch.sqrt(ratio.clamp(min=0))

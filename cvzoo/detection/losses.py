@@ -1,0 +1,69 @@
+"""Detection losses, batched over (B, R, ...) with masks instead of boolean indexing (static shapes).
+
+All run in float32 (inputs are upcast) so they stay exact under autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+from cvzoo.detection.boxes import elementwise_giou
+
+
+def focal_loss(logits: Tensor, targets: Tensor, weight: Tensor | None = None, alpha: float = 0.25,
+               gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss (torchvision.ops) per element, summed over the last dim: (B, R, K) -> (B, R).
+
+    `weight (B, R)` zeroes ignored rows.
+    """
+    loss = sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="none").sum(-1)
+    return loss if weight is None else loss * weight
+
+
+def l1_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Summed L1 over the last dim, masked: (B, R, 4) -> (B, R). Masked rows give exact zeros, even with
+    non-finite targets there."""
+    diff = (pred.float() - target.float()).abs().sum(-1)
+    return torch.where(weight > 0, diff * weight, torch.zeros_like(diff))
+
+
+def smooth_l1_loss(pred: Tensor, target: Tensor, weight: Tensor, beta: float = 1.0 / 9) -> Tensor:
+    """Summed smooth-L1 over the last dim, masked: (B, R, 4) -> (B, R)."""
+    diff = F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="none").sum(-1)
+    return torch.where(weight > 0, diff * weight, torch.zeros_like(diff))
+
+
+def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, weight: Tensor) -> Tensor:
+    """1 - GIoU of matching xyxy rows, masked: (B, R, 4) -> (B, R) (torchvision's generalized_box_iou_loss).
+
+    Masked rows get a harmless unit box as target, so no NaN reaches the gradient through them.
+    """
+    keep = weight > 0
+    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], device=pred_boxes.device)
+    pred = torch.where(keep[..., None], pred_boxes.float(), unit)
+    target = torch.where(keep[..., None], target_boxes.float(), unit)
+    return torch.where(keep, (1 - elementwise_giou(pred, target)) * weight, torch.zeros_like(weight))
+
+
+def centerness_loss(logits: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """BCE-with-logits on centre-ness, masked: (B, R), (B, R) -> (B, R)."""
+    target = torch.where(weight > 0, target.float(), torch.zeros_like(target, dtype=torch.float32))
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    return torch.where(weight > 0, loss * weight, torch.zeros_like(loss))
+
+
+def gaussian_focal_loss(logits: Tensor, heatmap: Tensor, alpha: float = 2.0, beta: float = 4.0) -> Tensor:
+    """CornerNet/CenterNet focal loss on Gaussian heatmaps, summed: (B, R, K) logits, (B, R, K) targets in
+    [0, 1] with exact 1 at object centres -> (B,) per-image sums.
+
+    pos: -(1 - p)^alpha log p; neg: -(1 - y)^beta p^alpha log(1 - p). log-sigmoid keeps it finite.
+    """
+    logits, heatmap = logits.float(), heatmap.float()
+    p = torch.sigmoid(logits)
+    pos = heatmap.eq(1).float()
+    pos_loss = -F.logsigmoid(logits) * (1 - p).pow(alpha) * pos
+    neg_loss = -F.logsigmoid(-logits) * p.pow(alpha) * (1 - heatmap).pow(beta) * (1 - pos)
+    return (pos_loss + neg_loss).sum(dim=(1, 2))

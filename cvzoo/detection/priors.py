@@ -1,0 +1,107 @@
+"""Priors per pyramid level: anchor boxes and anchor-free points.
+
+Rows are ordered (level, y, x, anchor), exactly as dense heads flatten their outputs.
+Both are computed from feature-map sizes and declared strides; pure tensor code, compile-clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def retinanet_anchor_sizes(base_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+                           octaves: int = 3) -> tuple[tuple[int, ...], ...]:
+    """RetinaNet's per-level sizes: base * 2**(i / octaves), truncated to int as torchvision does."""
+    return tuple(tuple(int(s * 2 ** (i / octaves)) for i in range(octaves)) for s in base_sizes)
+
+
+class AnchorGenerator(nn.Module):
+    """Anchor boxes: [(H_l, W_l)] feature sizes -> (R, 4) xyxy, R = sum_l H_l * W_l * A.
+
+    `sizes[l]` lists the anchor sizes (sqrt of area) of level l, `aspect_ratios` (h / w) are shared
+    and `scales` multiply every size. Per location anchors are ordered ratio-major, size-minor, base
+    anchors are rounded to integers and centred at (x + offset) * stride: torchvision's conventions
+    (offset 0), so anchors equal torchvision's `AnchorGenerator` when image sizes are divisible by
+    the strides.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[Sequence[float]],
+        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        strides: Sequence[int] = (8, 16, 32, 64, 128),
+        scales: Sequence[float] = (1.0,),
+        offset: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(sizes) != len(strides):
+            raise ValueError(f"sizes gives {len(sizes)} levels but strides {len(strides)}: {tuple(strides)}")
+        if not aspect_ratios or any(r <= 0 for r in aspect_ratios):
+            raise ValueError(f"aspect_ratios must be positive, got {tuple(aspect_ratios)}")
+        self.strides = tuple(int(s) for s in strides)
+        self.offset = offset
+        base = []
+        for level_sizes in sizes:
+            s = torch.tensor([float(x) * sc for x in level_sizes for sc in scales])
+            r = torch.tensor([float(a) for a in aspect_ratios])
+            h_ratios = torch.sqrt(r)
+            ws = (1 / h_ratios[:, None] * s[None, :]).reshape(-1)  # ratio-major
+            hs = (h_ratios[:, None] * s[None, :]).reshape(-1)
+            base.append((torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round())
+        if len({b.shape[0] for b in base}) != 1:
+            raise ValueError("every level needs the same number of anchors per location")
+        self.num_anchors = base[0].shape[0]
+        self.register_buffer("base_anchors", torch.stack(base), persistent=False)  # (L, A, 4)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    def forward(self, sizes: Sequence[tuple[int, int]], device=None, dtype=torch.float32) -> Tensor:
+        device = self.base_anchors.device if device is None else device
+        out = []
+        for level, ((h, w), stride) in enumerate(zip(sizes, self.strides)):
+            ys = (torch.arange(h, device=device, dtype=dtype) + self.offset) * stride
+            xs = (torch.arange(w, device=device, dtype=dtype) + self.offset) * stride
+            cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+            shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (HW, 1, 4)
+            out.append((shifts + self.base_anchors[level].to(device, dtype)).reshape(-1, 4))  # (HWA, 4)
+        return torch.cat(out)
+
+
+class PointGenerator(nn.Module):
+    """Anchor-free points: [(H_l, W_l)] -> points (R, 2) xy and their strides (R,), R = sum_l H_l * W_l.
+
+    Points sit at (x + offset) * stride; offset 0.5 puts them at cell centres (FCOS paper, MMDetection),
+    offset 0 at cell corners (torchvision's FCOS).
+    """
+
+    def __init__(self, strides: Sequence[int] = (8, 16, 32, 64, 128), offset: float = 0.5) -> None:
+        super().__init__()
+        self.strides = tuple(int(s) for s in strides)
+        self.offset = offset
+        self.num_anchors = 1
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    def forward(self, sizes: Sequence[tuple[int, int]], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        points, strides = [], []
+        for (h, w), stride in zip(sizes, self.strides):
+            ys = (torch.arange(h, device=device, dtype=dtype) + self.offset) * stride
+            xs = (torch.arange(w, device=device, dtype=dtype) + self.offset) * stride
+            cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+            points.append(torch.stack([cx, cy], dim=-1).reshape(-1, 2))  # (HW, 2)
+            strides.append(torch.full((h * w,), float(stride), device=device, dtype=dtype))
+        return torch.cat(points), torch.cat(strides)
+
+
+def level_of_priors(sizes: Sequence[tuple[int, int]], anchors_per_location: int, device=None) -> Tensor:
+    """(R,) int64 level index of each prior row."""
+    return torch.cat([torch.full((h * w * anchors_per_location,), level, dtype=torch.int64, device=device)
+                      for level, (h, w) in enumerate(sizes)])
+
