@@ -53,6 +53,10 @@ def test_declared_outputs_match_real_outputs(name):
                 assert abs(size - math.ceil(expected / info.stride)) <= 1, (name, f.shape, info)
     elif task == "classification":
         assert out.logits.shape == (2, model.num_classes)
+    elif task == "detection":
+        assert out._fields == model.signature.outputs
+        assert out[0].shape[0] == 2 and out[0].shape[-1] == model.num_classes
+        assert all(t.shape[:2] == out[0].shape[:2] for t in out)
     else:
         assert set(out) == set(model.signature.outputs) == set(model.tasks)
     assert all(torch.isfinite(t).all() for t in _tensors(out))

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cvzoo.detection.boxes import pairwise_iou
 from cvzoo.detection.structures import TargetBatch
 
 BACKGROUND = -1
@@ -21,8 +20,21 @@ IOU_CHUNK = 16384  # priors per IoU chunk: bounds the (B, M, chunk, 2) temporari
 
 
 def chunked_iou(gt_boxes: Tensor, priors: Tensor, chunk: int = IOU_CHUNK) -> Tensor:
-    """(B, M, 4) x (R, 4) -> (B, M, R) IoU, computed over prior chunks (a fixed count for a given R)."""
-    return torch.cat([pairwise_iou(gt_boxes, priors[i:i + chunk]) for i in range(0, priors.shape[0], chunk)], dim=-1)
+    """(B, M, 4) x (R, 4) -> (B, M, R) IoU (= torchvision's box_iou per image), over prior chunks.
+
+    The chunk count depends on R alone; what can be computed once (areas, corners) is, so each chunk
+    costs about ten operations.
+    """
+    g_lt, g_rb = gt_boxes[..., None, :2], gt_boxes[..., None, 2:]  # (B, M, 1, 2)
+    g_area = (g_rb - g_lt).prod(-1)  # (B, M, 1)
+    p_area = (priors[:, 2:] - priors[:, :2]).prod(-1)  # (R,)
+    out = []
+    for i in range(0, priors.shape[0], chunk):
+        p = priors[i:i + chunk]
+        wh = (torch.minimum(g_rb, p[:, 2:]) - torch.maximum(g_lt, p[:, :2])).clamp(min=0)  # (B, M, r, 2)
+        inter = wh.prod(-1)  # (B, M, r)
+        out.append(inter / (g_area + p_area[i:i + chunk] - inter))
+    return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
 
 
 def gather_targets(targets: TargetBatch, matched: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,14 @@ from torchvision.ops import sigmoid_focal_loss
 from cvzoo.detection.boxes import elementwise_giou
 
 
+def class_targets(labels: Tensor, num_classes: int) -> Tensor:
+    """(B, R) labels with -1 for background -> (B, R, K) float one-hot rows (all zero for background).
+
+    A comparison instead of F.one_hot, which reads the labels' range (a host-device sync).
+    """
+    return (labels[..., None] == torch.arange(num_classes, device=labels.device)).float()
+
+
 def focal_loss(logits: Tensor, targets: Tensor, weight: Tensor | None = None, alpha: float = 0.25,
                gamma: float = 2.0) -> Tensor:
     """Sigmoid focal loss (torchvision.ops) per element, summed over the last dim: (B, R, K) -> (B, R).
@@ -31,8 +39,10 @@ def l1_loss(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
 
 
 def smooth_l1_loss(pred: Tensor, target: Tensor, weight: Tensor, beta: float = 1.0 / 9) -> Tensor:
-    """Summed smooth-L1 over the last dim, masked: (B, R, 4) -> (B, R)."""
-    diff = F.smooth_l1_loss(pred.float(), target.float(), beta=beta, reduction="none").sum(-1)
+    """Summed smooth-L1 over the last dim, masked: (B, R, 4) -> (B, R). Masked rows' targets are replaced
+    first: smooth-L1's backward would turn a zero gradient times a NaN target into NaN."""
+    target = torch.where(weight[..., None] > 0, target.float(), pred.detach().float())
+    diff = F.smooth_l1_loss(pred.float(), target, beta=beta, reduction="none").sum(-1)
     return torch.where(weight > 0, diff * weight, torch.zeros_like(diff))
 
 

@@ -9,10 +9,24 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from cvzoo.detection.boxes import clip_boxes
 from cvzoo.detection.structures import Detections
+
+
+def batched_nms_once(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within groups (image x class) as ONE torchvision.ops.nms call: boxes of different groups are
+    shifted apart so they never overlap (the coordinate trick of torchvision's batched_nms, which on CPU
+    switches to a Python loop over groups past 1,000 boxes). Returns kept indices, best score first.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    # float64: shifts reach num_images * num_classes * max_coordinate, where float32 would round the
+    # coordinates enough to flip decisions near the IoU threshold
+    boxes = boxes.double()
+    shift = groups.double() * (boxes.max() + 1)
+    return nms(boxes + shift[:, None], scores.double(), iou_threshold)
 
 
 def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: float,
@@ -58,7 +72,7 @@ def batched_postprocess(
     boxes, top_scores = boxes.reshape(-1, 4)[keep], top_scores.reshape(-1)[keep]
     labels, image_idx = labels.reshape(-1)[keep], image_idx.reshape(-1)[keep]
     if nms_thresh is not None:
-        kept = batched_nms(boxes.float(), top_scores.float(), image_idx * k + labels, nms_thresh)  # score order
+        kept = batched_nms_once(boxes.float(), top_scores.float(), image_idx * k + labels, nms_thresh)
     else:
         kept = top_scores.argsort(descending=True)
     image_of = image_idx[kept]

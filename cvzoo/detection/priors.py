@@ -62,14 +62,9 @@ class AnchorGenerator(nn.Module):
 
     def forward(self, sizes: Sequence[tuple[int, int]], device=None, dtype=torch.float32) -> Tensor:
         device = self.base_anchors.device if device is None else device
-        out = []
-        for level, ((h, w), stride) in enumerate(zip(sizes, self.strides)):
-            ys = (torch.arange(h, device=device, dtype=dtype) + self.offset) * stride
-            xs = (torch.arange(w, device=device, dtype=dtype) + self.offset) * stride
-            cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-            shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (HW, 1, 4)
-            out.append((shifts + self.base_anchors[level].to(device, dtype)).reshape(-1, 4))  # (HWA, 4)
-        return torch.cat(out)
+        centres, level = grid_centres(sizes, self.strides, self.offset, device, dtype)  # (HW_all, 2), (HW_all,)
+        base = self.base_anchors.to(device, dtype)[level]  # (HW_all, A, 4)
+        return (centres.repeat(1, 2)[:, None, :] + base).reshape(-1, 4)  # (HWA_all, 4), rows (level, y, x, a)
 
 
 class PointGenerator(nn.Module):
@@ -90,14 +85,29 @@ class PointGenerator(nn.Module):
         return len(self.strides)
 
     def forward(self, sizes: Sequence[tuple[int, int]], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-        points, strides = [], []
-        for (h, w), stride in zip(sizes, self.strides):
-            ys = (torch.arange(h, device=device, dtype=dtype) + self.offset) * stride
-            xs = (torch.arange(w, device=device, dtype=dtype) + self.offset) * stride
-            cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-            points.append(torch.stack([cx, cy], dim=-1).reshape(-1, 2))  # (HW, 2)
-            strides.append(torch.full((h * w,), float(stride), device=device, dtype=dtype))
-        return torch.cat(points), torch.cat(strides)
+        points, level = grid_centres(sizes, self.strides, self.offset, device, dtype)
+        strides = torch.tensor(self.strides, device=device, dtype=dtype)[level]
+        return points, strides
+
+
+def grid_centres(sizes: Sequence[tuple[int, int]], strides: Sequence[int], offset: float, device,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Cell centres (x + offset, y + offset) * stride of every level at once: (sum_l H_l W_l, 2) xy and the
+    (sum_l H_l W_l,) level of each row, rows ordered (level, y, x).
+
+    One flat arange and a few gathers instead of a grid per level: a handful of operations whatever
+    the number of levels (dispatch overhead is what dominates small grids).
+    """
+    counts = [h * w for h, w in sizes]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    # per-level constants, gathered by each row's level: start, width, stride
+    table = torch.tensor([[s, w, st] for s, (_, w), st in zip(starts, sizes, strides)], device=device)
+    index = torch.arange(sum(counts), device=device)
+    level = torch.bucketize(index, torch.tensor(starts, device=device), right=True) - 1
+    start, width, stride = table[level].unbind(-1)
+    local = index - start
+    yx = torch.stack([local % width, torch.div(local, width, rounding_mode="floor")], dim=-1)  # (N, 2) as x, y
+    return (yx.to(dtype) + offset) * stride[:, None].to(dtype), level
 
 
 def level_of_priors(sizes: Sequence[tuple[int, int]], anchors_per_location: int, device=None) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from cvzoo.detection.assigners import ATSSAssigner, MaxIoUAssigner, gather_targets
 from cvzoo.detection.coders import BoxCoder, centerness
 from cvzoo.detection.detector import DenseDetector
-from cvzoo.detection.losses import centerness_loss, focal_loss, giou_loss, l1_loss
+from cvzoo.detection.losses import centerness_loss, class_targets, focal_loss, giou_loss, l1_loss
 from cvzoo.detection.postprocess import batched_postprocess
 from cvzoo.detection.priors import AnchorGenerator, retinanet_anchor_sizes
 from cvzoo.detection.structures import Detections, TargetBatch
@@ -79,7 +79,7 @@ class RetinaNet(DenseDetector):
         gt_boxes, gt_labels = gather_targets(targets, matched)
         fg = (matched >= 0).float()  # (B, R)
         num_fg = fg.sum(dim=1).clamp(min=1)  # (B,)
-        onehot = torch.nn.functional.one_hot(gt_labels.clamp(min=0), self.num_classes) * fg[..., None]
+        onehot = class_targets(gt_labels, self.num_classes)  # gt_labels is -1 off the foreground
         cls = focal_loss(out.cls_logits, onehot, weight=(matched != -2).float()).sum(dim=1)
         if self.box_loss == "l1":
             box = l1_loss(out.box_deltas, self.box_coder.encode(gt_boxes, anchors), fg)
@@ -126,7 +126,7 @@ class ATSS(RetinaNet):
         gt_boxes, gt_labels = gather_targets(targets, matched)
         fg = (matched >= 0).float()
         num_fg = fg.sum().clamp(min=1)
-        onehot = torch.nn.functional.one_hot(gt_labels.clamp(min=0), self.num_classes) * fg[..., None]
+        onehot = class_targets(gt_labels, self.num_classes)  # gt_labels is -1 off the foreground
         ctr = (anchors[:, :2] + anchors[:, 2:]) / 2  # (R, 2)
         ltrb = torch.cat([ctr - gt_boxes[..., :2], gt_boxes[..., 2:] - ctr], dim=-1)  # (B, R, 4)
         ctr_target = torch.where(fg > 0, centerness(torch.where(fg[..., None] > 0, ltrb, torch.ones_like(ltrb))),

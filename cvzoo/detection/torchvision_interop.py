@@ -25,12 +25,13 @@ from cvzoo.necks.fpn import FPN
 
 def _trunk_and_fpn(tv_model: nn.Module) -> tuple[ResNet, FPN]:
     body, tv_fpn = tv_model.backbone.body, tv_model.backbone.fpn
-    if not hasattr(body, "layer4") or not hasattr(body.layer1[0], "conv3"):
-        raise ValueError("from_torchvision expects a ResNet-50-style (bottleneck) FPN backbone, got "
+    if not hasattr(body, "layer4") or not hasattr(body.layer1[0], "conv2"):
+        raise ValueError("from_torchvision expects a torchvision ResNet FPN backbone, got "
                          f"{type(body).__name__} with layers {[n for n, _ in body.named_children()]}")
     norm = FrozenBatchNorm2d if isinstance(body.bn1, FrozenBatchNorm2d) else nn.BatchNorm2d
     layers = tuple(len(getattr(body, f"layer{i}")) for i in range(1, 5))
-    trunk = ResNet(layers=layers, block="bottleneck", out_indices=(1, 2, 3), norm_layer=norm)
+    block = "bottleneck" if hasattr(body.layer1[0], "conv3") else "basic"
+    trunk = ResNet(layers=layers, block=block, out_indices=(1, 2, 3), norm_layer=norm)
     trunk.load_state_dict(body.state_dict())
     frozen = -1  # torchvision's trainable_layers, as frozen_stages: count the leading frozen parts
     for prefixes in (("conv1", "bn1"), *((f"layer{i}",) for i in range(1, 5))):
@@ -40,6 +41,10 @@ def _trunk_and_fpn(tv_model: nn.Module) -> tuple[ResNet, FPN]:
         frozen += 1
     trunk.freeze_stages(frozen)
 
+    tv_channels = [b[0].in_channels for b in tv_fpn.inner_blocks]
+    if tv_channels != [f.channels for f in trunk.feature_info]:
+        raise ValueError(f"from_torchvision expects an FPN over layer2-layer4 (channels "
+                         f"{[f.channels for f in trunk.feature_info]}), got FPN inputs of {tv_channels} channels")
     extra = tv_fpn.extra_blocks
     if extra is None or not hasattr(extra, "p6"):
         raise ValueError(f"from_torchvision expects the FPN's LastLevelP6P7 extra block, got {type(extra).__name__}")

@@ -1,0 +1,147 @@
+"""cvzoo.detection.postprocess against a per-image reference of torchvision RetinaNet.postprocess_detections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from cvzoo.detection.coders import BoxCoder
+from cvzoo.detection.postprocess import batched_postprocess, select_topk
+from cvzoo.detection.priors import AnchorGenerator
+
+STRIDES = (8, 16, 32)
+WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+def _setup(seed: int = 0, b: int = 3, k: int = 4):
+    sizes = [(8, 8), (4, 4), (2, 2)]  # a 64 x 64 padded batch
+    gen = AnchorGenerator(((24, 32), (48, 64), (96, 128)), (0.5, 1.0, 2.0), STRIDES)
+    anchors = gen(sizes)
+    num_per_level = [h * w * gen.num_anchors for h, w in sizes]
+    g = torch.Generator().manual_seed(seed)
+    r = anchors.shape[0]
+    scores = torch.sigmoid(torch.randn(b, r, k, generator=g) * 2 - 2)
+    deltas = torch.randn(b, r, 4, generator=g) * 0.3
+    return anchors, num_per_level, scores, deltas
+
+
+def _decoder(deltas: torch.Tensor, anchors: torch.Tensor):
+    coder = BoxCoder(WEIGHTS)
+
+    def decode(prior_idx: torch.Tensor) -> torch.Tensor:
+        d = torch.gather(deltas, 1, prior_idx[..., None].expand(-1, -1, 4))  # (B, N, 4)
+        return coder.decode(d, anchors[prior_idx])
+
+    return decode
+
+
+def _reference(scores, deltas, anchors, num_per_level, image_sizes, score_thresh, nms_thresh, topk, max_det):
+    """torchvision RetinaNet.postprocess_detections, one image at a time, on probabilities."""
+    tv_coder = TVBoxCoder(WEIGHTS)
+    out = []
+    for i in range(scores.shape[0]):
+        image_shape = tuple(image_sizes[i].tolist())
+        image_boxes, image_scores, image_labels = [], [], []
+        start = 0
+        for n in num_per_level:
+            scores_per_level = scores[i, start:start + n]
+            num_classes = scores_per_level.shape[-1]
+            flat = scores_per_level.flatten()
+            keep_idxs = flat > score_thresh
+            flat = flat[keep_idxs]
+            topk_idxs = torch.where(keep_idxs)[0]
+            num_topk = min(topk, topk_idxs.numel())
+            flat, idxs = flat.topk(num_topk)
+            topk_idxs = topk_idxs[idxs]
+            anchor_idxs = torch.div(topk_idxs, num_classes, rounding_mode="floor") + start
+            labels = topk_idxs % num_classes
+            boxes = tv_coder.decode_single(deltas[i, anchor_idxs], anchors[anchor_idxs])
+            image_boxes.append(clip_boxes_to_image(boxes, image_shape))
+            image_scores.append(flat)
+            image_labels.append(labels)
+            start += n
+        boxes, sc, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
+        keep = sc.argsort(descending=True) if nms_thresh is None else batched_nms(boxes, sc, labels, nms_thresh)
+        keep = keep[:max_det]
+        out.append((boxes[keep], sc[keep], labels[keep]))
+    return out
+
+
+def _sorted_rows(boxes, scores, labels):
+    """Detections as a set: rows (score, label, box) sorted lexicographically."""
+    rows = torch.cat([scores[:, None].double(), labels[:, None].double(), boxes.double()], dim=1)
+    return sorted(map(tuple, rows.tolist()))
+
+
+def _assert_same(det, ref):
+    boxes, scores, labels = ref
+    assert det.boxes.shape == boxes.shape and det.scores.shape == scores.shape and det.labels.shape == labels.shape
+    ours, theirs = _sorted_rows(det.boxes, det.scores, det.labels), _sorted_rows(boxes, scores, labels)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a[1] == b[1]
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-5)
+    # best first
+    assert torch.equal(det.scores, det.scores.sort(descending=True).values)
+    assert det.labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize(("nms_thresh", "topk", "max_det"), [(0.5, 50, 40), (0.3, 1000, 100), (None, 20, 30)])
+def test_batched_postprocess_equals_per_image_retinanet_reference(nms_thresh, topk, max_det):
+    anchors, num_per_level, scores, deltas = _setup(seed=1)
+    image_sizes = torch.tensor([[64, 64], [40, 56], [64, 30]])  # per-image (H, W): each clips differently
+    kwargs = dict(score_thresh=0.2, nms_thresh=nms_thresh, topk_candidates=topk, max_detections=max_det)
+    dets = batched_postprocess(scores, _decoder(deltas, anchors), num_per_level, image_sizes, **kwargs)
+    ref = _reference(scores, deltas, anchors, num_per_level, image_sizes, 0.2, nms_thresh, topk, max_det)
+    assert len(dets) == 3
+    for i in range(3):
+        _assert_same(dets[i], ref[i])
+        h, w = image_sizes[i].tolist()
+        assert (dets[i].boxes[:, 0::2] <= w).all() and (dets[i].boxes[:, 1::2] <= h).all()
+        assert (dets[i].boxes >= 0).all()
+    assert all(d.scores.numel() > 0 for d in dets)
+    assert max(d.scores.numel() for d in dets) == max_det  # the cap is reached on at least one image
+    # clipping by each image's own size: the narrow images really have boxes cut at their borders
+    assert (dets[1].boxes[:, 1::2] == 40).any() and (dets[2].boxes[:, 0::2] == 30).any()
+
+
+def test_batched_postprocess_image_without_detections():
+    anchors, num_per_level, scores, deltas = _setup(seed=2)
+    scores[1] = scores[1].clamp(max=0.1)  # nothing above the threshold in image 1
+    image_sizes = torch.tensor([[64, 64]] * 3)
+    dets = batched_postprocess(scores, _decoder(deltas, anchors), num_per_level, image_sizes, 0.2, 0.5, 100, 50)
+    ref = _reference(scores, deltas, anchors, num_per_level, image_sizes, 0.2, 0.5, 100, 50)
+    assert dets[1].boxes.shape == (0, 4) and dets[1].scores.shape == (0,) and dets[1].labels.shape == (0,)
+    for i in (0, 2):
+        _assert_same(dets[i], ref[i])
+    # and a batch where no image has any detection
+    dets = batched_postprocess(scores.clamp(max=0.1), _decoder(deltas, anchors), num_per_level, image_sizes,
+                               0.2, 0.5, 100, 50)
+    assert [d.boxes.shape for d in dets] == [(0, 4)] * 3
+
+
+def test_select_topk_shapes_and_values():
+    b, k = 2, 3
+    num_per_level = [10, 4, 1]
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(b, sum(num_per_level), k, generator=g)
+    top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh=0.3, topk_candidates=5)
+    n = sum(min(5, r * k) for r in num_per_level)  # 5 + 5 + 3
+    assert top_scores.shape == prior_idx.shape == labels.shape == (b, n)
+    torch.testing.assert_close(top_scores.clamp(min=0), torch.where(top_scores > 0.3, scores[
+        torch.arange(b)[:, None], prior_idx, labels], torch.zeros(())))
+    # per image and level: the kept (above threshold) pairs are exactly the reference top-k
+    bounds = [0, 10, 14, 15]
+    col = 0
+    for level, m in enumerate(num_per_level):
+        kk = min(5, m * k)
+        for i in range(b):
+            pairs = [(scores[i, p, c].item(), p, c) for p in range(bounds[level], bounds[level + 1]) for c in range(k)]
+            expected = sorted([x for x in pairs if x[0] > 0.3], reverse=True)[:kk]
+            got = [(top_scores[i, col + j].item(), prior_idx[i, col + j].item(), labels[i, col + j].item())
+                   for j in range(kk) if top_scores[i, col + j] > 0.3]
+            assert sorted(got, reverse=True) == expected
+            assert all(bounds[level] <= p < bounds[level + 1] for p in prior_idx[i, col:col + kk].tolist())
+        col += kk
