@@ -20,11 +20,9 @@ import argparse
 import json
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection import FCOS as TVFCOS
 from torchvision.models.detection import RetinaNet as TVRetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
@@ -33,38 +31,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cvzoo.detection import FCOS, RetinaNet, TargetBatch
 from cvzoo.heads import DenseOutput, FCOSOutput
-
-aten = torch.ops.aten
-SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-            aten.is_nonzero.default, aten.equal.default, aten.unique_consecutive.default,
-            aten._unique2.default, aten.repeat_interleave.Tensor}
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts dispatched ATen ops and those that synchronise with the device (boolean-mask indexing included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func] += 1
-        bool_index = func in (aten.index.Tensor, aten.index_put_.default) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
-        if func in SYNC_OPS or bool_index:  # a boolean mask's output size is only known on the host
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
-def count(fn: Callable[[], object]) -> tuple[int, int]:
-    with OpCounter() as c:
-        fn()
-    return c.total, c.syncs
+from cvzoo.profiling import count_ops
 
 
 def timeit(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
@@ -164,8 +131,8 @@ def bench_config(kind, depth, batch, boxes, size, args, device, results):
         ours_loss_fn = ours_loss_compiled
         graph_breaks = 0  # fullgraph=True: a break would have raised
     r = {"model": kind, "depth": depth, "batch": batch, "boxes": boxes, "size": size}
-    r["loss_ops_cvzoo"], r["loss_syncs_cvzoo"] = count(ours_loss)
-    r["loss_ops_tv"], r["loss_syncs_tv"] = count(tv_loss)
+    r["loss_ops_cvzoo"], r["loss_syncs_cvzoo"] = count_ops(ours_loss)
+    r["loss_ops_tv"], r["loss_syncs_tv"] = count_ops(tv_loss)
     r["loss_ms_cvzoo"] = 1e3 * timeit(ours_loss_fn, device, args.repeats)
     r["loss_ms_tv"] = 1e3 * timeit(tv_loss, device, args.repeats)
     r["loss_graph_breaks_cvzoo"] = graph_breaks
@@ -184,8 +151,8 @@ def bench_config(kind, depth, batch, boxes, size, args, device, results):
             split_anchors = [list(a.split(per_level)) for a in anchors]
             return tv.postprocess_detections(split, split_anchors, image_list.image_sizes)
 
-    r["post_ops_cvzoo"], r["post_syncs_cvzoo"] = count(ours_post)
-    r["post_ops_tv"], r["post_syncs_tv"] = count(tv_post)
+    r["post_ops_cvzoo"], r["post_syncs_cvzoo"] = count_ops(ours_post)
+    r["post_ops_tv"], r["post_syncs_tv"] = count_ops(tv_post)
     r["post_ms_cvzoo"] = 1e3 * timeit(ours_post, device, args.repeats)
     r["post_ms_tv"] = 1e3 * timeit(tv_post, device, args.repeats)
     n_ours = sum(len(d.boxes) for d in ours_post())

@@ -11,6 +11,8 @@ from cvzoo.backbones.base import Backbone
 from cvzoo.backbones.simple_pyramid import SimpleFeaturePyramid
 from cvzoo.types import FeatureInfo
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
 # timm modules whose models are plain (single-stride) vision transformers
 _PLAIN_VIT_MODULES = ("vision_transformer", "vision_transformer_relpos", "deit", "eva", "beit")
 
@@ -89,17 +91,25 @@ class TimmBackbone(Backbone):
         names = [n for n, _ in named]
         bounds = []  # (first, last) position of each level's subtree
         for entry in self.model.feature_info.info:
-            prefix = next(p for p in (entry["module"], entry["module"].replace(".", "_"), "model." + entry["module"])
-                          if p in names)
+            prefix = next((p for p in (entry["module"], entry["module"].replace(".", "_"),
+                                       "model." + entry["module"]) if p in names), None)
+            if prefix is None:  # timm did not build levels past the deepest requested one
+                break
             inside = [i for i, n in enumerate(names) if n == prefix or n.startswith(prefix + ".")]
             bounds.append((inside[0], inside[-1]))
         groups: list[list[nn.Module]] = [[] for _ in range(len(bounds) + 1)]
         direct: list[list[nn.Parameter]] = [[] for _ in range(len(bounds) + 1)]
-        for i, (_, module) in enumerate(named):
+        norm_prefix = None
+        for i, (name, module) in enumerate(named):
+            if norm_prefix is not None and name.startswith(norm_prefix):
+                continue  # inside a norm layer taken whole (timm's BatchNormAct2d holds act/drop children)
             g = 0 if i < bounds[0][0] else next((k + 1 for k, (_, last) in enumerate(bounds) if i <= last), None)
             if g is None:  # after the deepest level: never frozen
                 continue
-            if next(module.children(), None) is None:
+            if isinstance(module, _NORMS):  # whole, so train() can keep it in eval mode
+                groups[g].append(module)
+                norm_prefix = name + "."
+            elif next(module.children(), None) is None:
                 groups[g].append(module)
             else:  # a container's own parameters (a ViT's cls_token, pos_embed), not its children's
                 direct[g].extend(module.parameters(recurse=False))

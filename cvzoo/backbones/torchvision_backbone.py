@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,6 +46,21 @@ def _steps(model: nn.Module, family: str) -> list[tuple[str, int]]:
     return steps
 
 
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replaces every BatchNorm2d under `module` by a FrozenBatchNorm2d with the same eps and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+    return module
+
+
 def _is_local_file(weights: object) -> bool:
     return isinstance(weights, os.PathLike) or (
         isinstance(weights, str) and (weights.endswith((".pth", ".pt", ".safetensors")) or Path(weights).is_file())
@@ -85,13 +99,13 @@ class TorchvisionBackbone(Backbone):
             raise ValueError(f"name {name!r} is not a torchvision classification model")
         local = _is_local_file(weights)
         pretrained = weights is not None
-        if norm_layer is None and pretrained and family != "convnext":
-            norm_layer = partial(FrozenBatchNorm2d, eps=1e-3) if family == "efficientnet" else FrozenBatchNorm2d
         if norm_layer is not None:
             model_kwargs["norm_layer"] = norm_layer
         model = torchvision.models.get_model(name, weights=None if local else weights, **model_kwargs)
         if local:
             load_pretrained(model, weights, None)
+        if norm_layer is None and pretrained:  # each BN frozen with its own eps (1e-3 in several families)
+            freeze_batch_norm(model)
 
         steps = _steps(model, family)
         paths = [p for p, _ in steps]
@@ -116,7 +130,8 @@ class TorchvisionBackbone(Backbone):
         self._stride_groups = self._group_by_stride(kept, cumulative)
         info = [FeatureInfo(self._out_channels(paths[: i + 1], model), cumulative[i]) for i in order]
         self._declare(info, in_channels=3)
-        self.grad_checkpointing = grad_checkpointing
+        self._with_params = {k for k, m in self.body.items() if next(m.parameters(), None) is not None}
+        self.set_grad_checkpointing(grad_checkpointing)
         self.freeze_stages((1 if pretrained else -1) if frozen_stages is None else frozen_stages)
 
     @staticmethod
@@ -138,10 +153,20 @@ class TorchvisionBackbone(Backbone):
     def frozen_stage_modules(self) -> list[nn.Module]:
         return [nn.ModuleList(self.body[k] for k in group) for group in self._stride_groups]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoints each trunk step with parameters. In-place activations are turned off then: an
+        in-place ReLU between two checkpointed steps would modify a tensor autograd saved."""
+        super().set_grad_checkpointing(enable)
+        if enable:
+            for m in self.body.modules():
+                if getattr(m, "inplace", False):
+                    m.inplace = False
+
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = []
         for key, step in self.body.items():
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if (self.grad_checkpointing and self.training and torch.is_grad_enabled()
+                    and key in self._with_params):
                 x = checkpoint(step, x, use_reentrant=False)
             else:
                 x = step(x)

@@ -142,8 +142,10 @@ class FCOSAssigner:
         ranges = self.size_ranges or fcos_size_ranges(level_strides)
         if len(ranges) != len(num_per_level):
             raise ValueError(f"size_ranges has {len(ranges)} levels but the detector has {len(num_per_level)}")
-        lower = torch.cat([torch.full((n,), lo, device=points.device) for n, (lo, _) in zip(num_per_level, ranges)])
-        upper = torch.cat([torch.full((n,), hi, device=points.device) for n, (_, hi) in zip(num_per_level, ranges)])
+        starts = [sum(num_per_level[:i]) for i in range(len(num_per_level))]
+        level = torch.bucketize(torch.arange(points.shape[0], device=points.device),
+                                torch.tensor(starts, device=points.device), right=True) - 1
+        lower, upper = torch.tensor(ranges, device=points.device)[level].unbind(-1)  # (R,) each
         boxes = targets.boxes[:, None, :, :]  # (B, 1, M, 4)
         p = points[None, :, None, :]  # (1, R, 1, 2)
         gt_ctr = (boxes[..., :2] + boxes[..., 2:]) / 2

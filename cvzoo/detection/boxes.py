@@ -77,15 +77,10 @@ def pairwise_giou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def elementwise_giou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
-    """GIoU of matching rows: (..., 4), (..., 4) -> (...). Same formula as torchvision's GIoU loss."""
-    x1, y1, x2, y2 = a.unbind(-1)
-    x1g, y1g, x2g, y2g = b.unbind(-1)
-    xk1, yk1 = torch.maximum(x1, x1g), torch.maximum(y1, y1g)
-    xk2, yk2 = torch.minimum(x2, x2g), torch.minimum(y2, y2g)
-    inter = torch.where((yk2 > yk1) & (xk2 > xk1), (xk2 - xk1) * (yk2 - yk1), torch.zeros_like(x1))
-    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
-    iou = inter / (union + eps)
-    xc1, yc1 = torch.minimum(x1, x1g), torch.minimum(y1, y1g)
-    xc2, yc2 = torch.maximum(x2, x2g), torch.maximum(y2, y2g)
-    hull = (xc2 - xc1) * (yc2 - yc1)
-    return iou - (hull - union) / (hull + eps)
+    """GIoU of matching rows: (..., 4), (..., 4) -> (...). Same formula as torchvision's GIoU loss, on
+    (x, y) pairs so it dispatches few operations."""
+    a_lt, a_rb, b_lt, b_rb = a[..., :2], a[..., 2:], b[..., :2], b[..., 2:]
+    inter = (torch.minimum(a_rb, b_rb) - torch.maximum(a_lt, b_lt)).clamp(min=0).prod(-1)
+    union = (a_rb - a_lt).prod(-1) + (b_rb - b_lt).prod(-1) - inter
+    hull = (torch.maximum(a_rb, b_rb) - torch.minimum(a_lt, b_lt)).prod(-1)
+    return inter / (union + eps) - (hull - union) / (hull + eps)

@@ -60,15 +60,13 @@ class DistanceCoder:
         self.normalize = normalize
 
     def encode(self, boxes: Tensor, points: Tensor, strides: Tensor) -> Tensor:
-        x, y = points[..., 0], points[..., 1]
-        d = torch.stack([x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y], dim=-1)
+        d = torch.cat([points - boxes[..., :2], boxes[..., 2:] - points], dim=-1)  # (..., 4) l, t, r, b
         return d / strides[..., None] if self.normalize else d
 
     def decode(self, distances: Tensor, points: Tensor, strides: Tensor) -> Tensor:
         points = points.to(distances.dtype)
         d = distances * strides[..., None].to(distances.dtype) if self.normalize else distances
-        x, y = points[..., 0], points[..., 1]
-        return torch.stack([x - d[..., 0], y - d[..., 1], x + d[..., 2], y + d[..., 3]], dim=-1)
+        return torch.cat([points - d[..., :2], points + d[..., 2:]], dim=-1)
 
 
 def centerness(ltrb: Tensor) -> Tensor:

@@ -1,0 +1,47 @@
+"""Counting what a piece of code dispatches: ATen operations and host-device synchronisations.
+
+Works on any device (CPU included) and predicts GPU launch overhead: every dispatched op is at least
+one kernel launch on CUDA, and every synchronisation stalls the host until the device catches up.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+# ops whose result the host must read (or whose output size depends on data) before it can go on
+SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+            aten.is_nonzero.default, aten.equal.default, aten.unique_consecutive.default,
+            aten._unique2.default, aten.repeat_interleave.Tensor}
+
+
+class OpCounter(TorchDispatchMode):
+    """`with OpCounter() as c: ...` -> c.total dispatched ATen ops, c.syncs synchronising ones, c.ops by op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        bool_index = func in (aten.index.Tensor, aten.index_put_.default) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if func in SYNC_OPS or bool_index:  # a boolean mask's output size is only known on the host
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
+    """(dispatched ATen ops, synchronising ops) of one call of `fn`, backward passes included."""
+    with OpCounter() as counter:
+        fn()
+    return counter.total, counter.syncs

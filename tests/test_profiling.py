@@ -1,0 +1,24 @@
+"""The op counter itself: it sees every dispatched op, backward included, and flags synchronising ones."""
+
+from __future__ import annotations
+
+import torch
+
+from cvzoo.profiling import OpCounter, count_ops
+
+
+def test_counts_forward_and_backward_ops():
+    x = torch.randn(3, requires_grad=True)
+    with OpCounter() as c:
+        (x * 2).sum().backward()
+    names = {op.__name__ for op in c.ops}
+    assert "mul.Tensor" in names and "sum.default" in names
+    assert c.total >= 4  # mul, sum, and their backward
+
+
+def test_flags_host_device_synchronisations():
+    x = torch.randn(10)
+    assert count_ops(lambda: x.sum().item())[1] == 1
+    assert count_ops(lambda: x[x > 0])[1] == 1  # boolean-mask indexing
+    assert count_ops(lambda: x.nonzero())[1] == 1
+    assert count_ops(lambda: torch.where(x > 0, x, 0.0))[1] == 0
