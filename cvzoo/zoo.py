@@ -261,16 +261,16 @@ def atss_resnet18_fpn(num_classes: int = 80, pretrained: bool = False, out_chann
 
 
 def centernet_micro(num_classes: int = 4, pretrained: bool = False, **kwargs) -> CenterNet:
-    """CenterNet on ResNet-micro + FPN, reading P3 (stride 8)."""
+    """CenterNet on ResNet-micro + FPN, reading its finest level P3 (stride 8)."""
     backbone = resnet_micro(pretrained=pretrained)
-    neck = FPN(backbone.feature_info, 64)
+    neck = FPN(backbone.feature_info, 64, num_outputs=1)  # only P3 is read
     return CenterNet(backbone, neck, CenterNetHead(64, num_classes, head_channels=32), **kwargs)
 
 
 def centernet_resnet18(num_classes: int = 80, pretrained: bool = False, **kwargs) -> CenterNet:
     """CenterNet on ResNet-18 from stride 4 (C2-C5 FPN, 128 channels), reading the stride-4 level."""
     backbone = resnet18(pretrained=pretrained, out_indices=(0, 1, 2, 3))
-    neck = FPN(backbone.feature_info, 128)
+    neck = FPN(backbone.feature_info, 128, num_outputs=1)  # only the stride-4 level is read
     return CenterNet(backbone, neck, CenterNetHead(128, num_classes), **kwargs)
 
 

@@ -27,3 +27,11 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_zoo_table_is_current():
     assert markdown_table() in README
+
+
+def test_readme_composition_example_runs():
+    first_python = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(first_python, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["losses"]["loss"].ndim == 0
+    assert namespace["pred"].probs.shape == (8, 10)

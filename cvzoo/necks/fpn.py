@@ -55,7 +55,8 @@ class FPN(nn.Module):
     Without extra levels and norm it is torchvision's `FeaturePyramidNetwork`: 1x1 laterals, nearest
     top-down upsampling to the lateral's size (odd sizes work), 3x3 smoothing. `extra_source` picks
     what the extra levels are computed from: "output" (P5, as FCOS and RetinaNet v2 do) or "input"
-    (C5, as the original RetinaNet).
+    (C5, as the original RetinaNet). `num_outputs` keeps only the first (finest) n top-down levels,
+    e.g. 1 for a single stride-4/8 map for CenterNet; it cannot be combined with extra levels.
     """
 
     def __init__(
@@ -67,9 +68,16 @@ class FPN(nn.Module):
         extra_mode: str = "conv",
         norm_layer: NormLayer | None = None,
         act_layer: ActLayer | None = None,
+        num_outputs: int | None = None,
     ) -> None:
         super().__init__()
         info = check_feature_info(feature_info)
+        num_outputs = len(info) if num_outputs is None else num_outputs
+        if not 1 <= num_outputs <= len(info):
+            raise ValueError(f"num_outputs must lie in [1, {len(info)}], got {num_outputs}")
+        if num_outputs < len(info) and extra_levels:
+            raise ValueError(f"num_outputs={num_outputs} drops the coarse levels that extra_levels={extra_levels} "
+                             "would be built on; use one or the other")
         if out_channels < 1:
             raise ValueError(f"out_channels must be positive, got {out_channels}")
         if extra_levels < 0:
@@ -82,7 +90,8 @@ class FPN(nn.Module):
             ConvNormAct(f.channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer) for f in info
         )
         self.smooth = nn.ModuleList(
-            ConvNormAct(out_channels, out_channels, 3, norm_layer=norm_layer, act_layer=act_layer) for _ in info
+            ConvNormAct(out_channels, out_channels, 3, norm_layer=norm_layer, act_layer=act_layer)
+            for _ in range(num_outputs)
         )
         self.extra_source = extra_source
         self.extra = (
@@ -91,7 +100,7 @@ class FPN(nn.Module):
             if extra_levels else None
         )
         init_conv_kaiming_uniform_(self)
-        self.feature_info = tuple(FeatureInfo(out_channels, f.stride) for f in info) + tuple(
+        self.feature_info = tuple(FeatureInfo(out_channels, f.stride) for f in info[:num_outputs]) + tuple(
             FeatureInfo(out_channels, info[-1].stride * 2 ** (i + 1)) for i in range(extra_levels)
         )
 

@@ -202,3 +202,18 @@ def test_extra_levels_rejects_unknown_mode():
 def test_extra_levels_rejects_negative_num_levels():
     with pytest.raises(ValueError, match="levels"):
         ExtraLevels(4, 4, -1)
+
+
+def test_num_outputs_keeps_the_finest_levels_of_the_full_pyramid():
+    info = [FeatureInfo(8, 8), FeatureInfo(16, 16), FeatureInfo(32, 32)]
+    full = FPN(info, 16)
+    one = FPN(info, 16, num_outputs=1)
+    one.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("smooth.1", "smooth.2"))})
+    feats = [torch.randn(2, c, 96 // s, 96 // s) for c, s in info]
+    (p3,) = one(feats)
+    torch.testing.assert_close(p3, full(feats)[0])
+    assert one.feature_info == (FeatureInfo(16, 8),)
+    with pytest.raises(ValueError, match="num_outputs"):
+        FPN(info, 16, num_outputs=0)
+    with pytest.raises(ValueError, match="extra_levels"):
+        FPN(info, 16, num_outputs=2, extra_levels=1)
