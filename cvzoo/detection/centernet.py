@@ -64,7 +64,7 @@ class CenterNet(DenseDetector):
 
         def decode(idx: Tensor) -> Tensor:
             ctr = cells[idx] + torch.gather(out.offsets.float(), 1, idx[..., None].expand(-1, -1, 2))
-            half = torch.gather(out.sizes.float(), 1, idx[..., None].expand(-1, -1, 2)) / 2
+            half = torch.gather(out.sizes.float(), 1, idx[..., None].expand(-1, -1, 2)).clamp(min=0) / 2
             return torch.cat([ctr - half, ctr + half], dim=-1) * self.stride
 
         return batched_postprocess(scores, decode, [r], image_sizes, score_thresh, nms_thresh, topk_candidates,

@@ -82,9 +82,9 @@ class DenseDetector(nn.Module):
         w = max(img.shape[2] for img in images)
         d = self.pad_divisor
         ph, pw = math.ceil(h / d) * d, math.ceil(w / d) * d
-        batch = torch.stack([F.pad(img, (0, pw - img.shape[2], 0, ph - img.shape[1])) for img in images])
-        for i, img in enumerate(images):  # per-image checks name the index
+        for i, img in enumerate(images):  # per-image checks name the index, before stacking can fail
             self.signature.replace(min_size=1).validate(img[None], name=f"images[{i}]")
+        batch = torch.stack([F.pad(img, (0, pw - img.shape[2], 0, ph - img.shape[1])) for img in images])
         sizes = torch.tensor([list(img.shape[1:]) for img in images], device=batch.device)
         return cast_like_parameters(self.signature.validate(batch), self), sizes
 

@@ -99,6 +99,8 @@ class ATSSHead(RetinaHead):
     def __init__(self, in_channels: int, num_classes: int, num_levels: int, num_anchors: int = 1,
                  num_convs: int = 4, norm_layer: NormLayer | None = group_norm_32, act_layer: ActLayer = nn.ReLU,
                  prior_prob: float = 0.01) -> None:
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be positive, got {num_levels}")
         super().__init__(in_channels, num_classes, num_anchors, num_convs, norm_layer, act_layer, prior_prob)
         self.centerness = nn.Conv2d(in_channels, num_anchors, 3, padding=1)
         init_conv_normal_(self.centerness, std=0.01)
