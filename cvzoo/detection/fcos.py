@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from cvzoo.detection.assigners import FCOSAssigner, gather_targets
 from cvzoo.detection.coders import DistanceCoder, centerness
 from cvzoo.detection.detector import DenseDetector
-from cvzoo.detection.losses import centerness_loss, class_targets, focal_loss, giou_loss
+from cvzoo.detection.losses import centerness_loss, giou_loss, label_focal_loss
 from cvzoo.detection.postprocess import batched_postprocess
 from cvzoo.detection.priors import PointGenerator
 from cvzoo.detection.structures import Detections, TargetBatch
@@ -56,12 +56,11 @@ class FCOS(DenseDetector):
         gt_boxes, gt_labels = gather_targets(targets, matched)
         fg = (matched >= 0).float()
         num_fg = fg.sum().clamp(min=1)
-        onehot = class_targets(gt_labels, self.num_classes)  # gt_labels is -1 off the foreground
         pred_boxes = self.box_coder.decode(out.box_distances.float(), points, strides)
         ltrb = self.box_coder.encode(gt_boxes, points, strides)  # (B, R, 4), positive on foreground
         ctr_target = centerness(torch.where(fg[..., None] > 0, ltrb, torch.ones_like(ltrb)))
         losses = {
-            "classification": focal_loss(out.cls_logits, onehot).sum() / num_fg,
+            "classification": label_focal_loss(out.cls_logits, gt_labels).sum() / num_fg,
             "box_regression": giou_loss(pred_boxes, gt_boxes, fg).sum() / num_fg,
             "centerness": centerness_loss(out.centerness[..., 0], ctr_target, fg).sum() / num_fg,
         }

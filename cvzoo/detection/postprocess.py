@@ -9,19 +9,24 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 from cvzoo.detection.boxes import clip_boxes
 from cvzoo.detection.structures import Detections
 
 
 def batched_nms_once(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within groups (image x class) as ONE torchvision.ops.nms call: boxes of different groups are
-    shifted apart so they never overlap (the coordinate trick of torchvision's batched_nms, which on CPU
-    switches to a Python loop over groups past 1,000 boxes). Returns kept indices, best score first.
+    """NMS within groups (image x class) for the whole batch. Returns kept indices, best score first.
+
+    On CUDA: ONE torchvision.ops.nms call, boxes of different groups shifted apart so they never overlap
+    (the coordinate trick), a constant number of operations. On CPU: torchvision's batched_nms, which
+    does the same up to 1,000 boxes and past that loops over the groups, because the CPU kernel's cost
+    grows with (boxes x kept boxes) over the whole call, groups or not.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if not boxes.is_cuda:
+        return batched_nms(boxes, scores, groups, iou_threshold)
     # float64: shifts reach num_images * num_classes * max_coordinate, where float32 would round the
     # coordinates enough to flip decisions near the IoU threshold
     boxes = boxes.double()
@@ -29,25 +34,30 @@ def batched_nms_once(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshol
     return nms(boxes + shift[:, None], scores.double(), iou_threshold)
 
 
-def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: float,
-                topk_candidates: int) -> tuple[Tensor, Tensor, Tensor]:
+def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: float, topk_candidates: int,
+                to_probability: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(B, R, K) class scores -> per image the `topk_candidates` best (prior, class) pairs of each level.
 
     Returns scores (B, N), prior indices (B, N), labels (B, N), N = sum_l min(topk, R_l * K). Pairs at or
-    below `score_thresh` keep their rank but are set to -1, so they never displace a better pair and are
-    dropped after NMS: the kept set equals torchvision's threshold-then-top-k per level and image.
+    below `score_thresh` get score -1 and are dropped after NMS. Taking the top-k first and thresholding
+    the k kept gives the same set as torchvision's threshold-then-top-k per level and image (the pairs
+    above the threshold are the best ones), without a pass over all scores. `to_probability`, a
+    monotone map applied to the k kept only, lets `scores` be logits (sigmoid of k values, not of all).
     """
     k = scores.shape[-1]
     out_s, out_i = [], []
     start = 0
     for n in num_per_level:  # static level structure
         s = scores[:, start:start + n].reshape(scores.shape[0], -1)  # (B, n*K)
-        s = torch.where(s > score_thresh, s, torch.full((), -1.0, device=s.device, dtype=s.dtype))
+        s = s if s.dtype == torch.float32 else s.float()  # bf16 under autocast would tie many scores
         top_s, top_i = s.topk(min(topk_candidates, n * k), dim=1)
         out_s.append(top_s)
         out_i.append(top_i + start * k)
         start += n
     top_scores, flat = torch.cat(out_s, dim=1), torch.cat(out_i, dim=1)
+    if to_probability is not None:
+        top_scores = to_probability(top_scores.float())
+    top_scores = torch.where(top_scores > score_thresh, top_scores, torch.full_like(top_scores, -1.0))
     return top_scores, torch.div(flat, k, rounding_mode="floor"), flat % k
 
 
@@ -60,12 +70,15 @@ def batched_postprocess(
     nms_thresh: float | None,
     topk_candidates: int,
     max_detections: int,
+    to_probability: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Detections]:
-    """scores (B, R, K) probabilities; `decode(prior_idx (B, N)) -> (B, N, 4)` xyxy boxes of those priors;
-    image_sizes (B, 2) (H, W) of each unpadded image -> one Detections per image, best first.
+    """scores (B, R, K) probabilities (or logits with `to_probability=torch.sigmoid`); `decode(prior_idx
+    (B, N)) -> (B, N, 4)` xyxy boxes of those priors; image_sizes (B, 2) (H, W) of each unpadded image
+    -> one Detections per image, best first.
     """
     b, _, k = scores.shape
-    top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates)
+    top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates,
+                                                to_probability)
     boxes = clip_boxes(decode(prior_idx), image_sizes)  # (B, N, 4)
     image_idx = torch.arange(b, device=scores.device)[:, None].expand_as(labels)
     keep = (top_scores > score_thresh).reshape(-1)  # the one data-dependent step: drops the -1 fillers

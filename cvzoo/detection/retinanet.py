@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from cvzoo.detection.assigners import ATSSAssigner, MaxIoUAssigner, gather_targets
 from cvzoo.detection.coders import BoxCoder, centerness
 from cvzoo.detection.detector import DenseDetector
-from cvzoo.detection.losses import centerness_loss, class_targets, focal_loss, giou_loss, l1_loss
+from cvzoo.detection.losses import centerness_loss, giou_loss, l1_loss, label_focal_loss
 from cvzoo.detection.postprocess import batched_postprocess
 from cvzoo.detection.priors import AnchorGenerator, retinanet_anchor_sizes
 from cvzoo.detection.structures import Detections, TargetBatch
@@ -79,8 +79,7 @@ class RetinaNet(DenseDetector):
         gt_boxes, gt_labels = gather_targets(targets, matched)
         fg = (matched >= 0).float()  # (B, R)
         num_fg = fg.sum(dim=1).clamp(min=1)  # (B,)
-        onehot = class_targets(gt_labels, self.num_classes)  # gt_labels is -1 off the foreground
-        cls = focal_loss(out.cls_logits, onehot, weight=(matched != -2).float()).sum(dim=1)
+        cls = label_focal_loss(out.cls_logits, gt_labels, weight=(matched != -2).float()).sum(dim=1)
         if self.box_loss == "l1":
             box = l1_loss(out.box_deltas, self.box_coder.encode(gt_boxes, anchors), fg)
         else:
@@ -97,8 +96,8 @@ class RetinaNet(DenseDetector):
             deltas = torch.gather(out.box_deltas.float(), 1, idx[..., None].expand(-1, -1, 4))
             return self.box_coder.decode(deltas, anchors[idx])
 
-        return batched_postprocess(torch.sigmoid(out.cls_logits.float()), decode, self.num_per_level(sizes),
-                                   image_sizes, score_thresh, nms_thresh, topk_candidates, max_detections)
+        return batched_postprocess(out.cls_logits, decode, self.num_per_level(sizes), image_sizes, score_thresh,
+                                   nms_thresh, topk_candidates, max_detections, to_probability=torch.sigmoid)
 
 
 class ATSS(RetinaNet):
@@ -126,14 +125,13 @@ class ATSS(RetinaNet):
         gt_boxes, gt_labels = gather_targets(targets, matched)
         fg = (matched >= 0).float()
         num_fg = fg.sum().clamp(min=1)
-        onehot = class_targets(gt_labels, self.num_classes)  # gt_labels is -1 off the foreground
         ctr = (anchors[:, :2] + anchors[:, 2:]) / 2  # (R, 2)
         ltrb = torch.cat([ctr - gt_boxes[..., :2], gt_boxes[..., 2:] - ctr], dim=-1)  # (B, R, 4)
         ctr_target = torch.where(fg > 0, centerness(torch.where(fg[..., None] > 0, ltrb, torch.ones_like(ltrb))),
                                  torch.zeros_like(fg))
         pred_boxes = self.box_coder.decode(out.box_deltas.float(), anchors)
         losses = {
-            "classification": focal_loss(out.cls_logits, onehot).sum() / num_fg,
+            "classification": label_focal_loss(out.cls_logits, gt_labels).sum() / num_fg,
             "box_regression": giou_loss(pred_boxes, gt_boxes, ctr_target).sum() / ctr_target.sum().clamp(min=1e-6),
             "centerness": centerness_loss(out.centerness[..., 0], ctr_target, fg).sum() / num_fg,
         }
