@@ -8,14 +8,14 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
   | tee -a "$out/gpu.txt"
-timeout 120 python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
+timeout 70 python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
 # loss / post-processing grid, eager
-timeout 150 python3 benchmarks/detection.py --device cuda --no-step --repeats 10 \
+timeout 130 python3 benchmarks/detection.py --device cuda --no-step --repeats 10 \
   --json "$out/det_cuda_eager.json" 2>&1 | tee "$out/det_cuda_eager.txt"
 # full training steps: cvzoo compiled + bf16 + channels_last vs torchvision eager fp32
-timeout 200 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
-  --step-sizes 320 --step-batches 16 --step-repeats 10 --json "$out/det_cuda_step_r18.json" 2>&1 \
+timeout 190 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
+  --skip-explain --models retinanet --step-sizes 320 --step-batches 16 --step-repeats 10 --json "$out/det_cuda_step_r18.json" 2>&1 \
   | grep -vi warn | tee "$out/det_cuda_step_r18.txt"
-timeout 150 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
-  --depth 50 --models retinanet --step-sizes 1333 --step-height 800 --step-batches 4 --step-repeats 5 \
+timeout 170 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
+  --skip-explain --depth 50 --models retinanet --step-sizes 1333 --step-height 800 --step-batches 4 --step-repeats 5 \
   --json "$out/det_cuda_step_r50.json" 2>&1 | grep -vi warn | tee "$out/det_cuda_step_r50.txt"

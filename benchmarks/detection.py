@@ -193,7 +193,7 @@ def bench_step(kind, depth, batch, size, args, device, results):
 
     r = {"model": kind, "depth": depth, "batch": batch, "size": size, "step": True, "compile": args.compile,
          "amp": args.amp, "channels_last": args.channels_last}
-    if args.compile:  # graph breaks of a whole step, backward included (one break: the backward call)
+    if args.compile and not args.skip_explain:  # graph breaks of a whole step, backward included
         def ours_eager_step(x, tb):
             loss = ours.loss(x, tb)["loss"]
             loss.backward()
@@ -249,6 +249,7 @@ def main() -> None:
     p.add_argument("--step-batches", nargs="+", type=int, default=[4])
     p.add_argument("--step-height", type=int, default=None, help="non-square step images: H (W = size)")
     p.add_argument("--step-only", action="store_true")
+    p.add_argument("--skip-explain", action="store_true", help="do not count graph breaks (saves a trace)")
     p.add_argument("--no-step", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--step-repeats", type=int, default=3)

@@ -64,3 +64,29 @@ def test_cpu_inductor_compile_matches_eager():
     with torch.no_grad():
         for a, b in zip(model(x), compiled(x)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["retinanet_micro", "fcos_micro", "atss_micro", "centernet_micro"])
+def test_cuda_detector_matches_cpu(name):
+    """Loss and detections on CUDA (one-call NMS, no syncs in the loss) equal the CPU path's."""
+    torch.backends.cudnn.allow_tf32 = False  # full fp32 convs, so scores agree to CPU precision
+    model = create_model(name).eval()
+    with torch.no_grad():  # varied scores so post-processing has work
+        for m in model.head.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.normal_(-1.0, 1.0)
+    x = torch.randn(2, 3, 128, 160)
+    targets = [{"boxes": torch.tensor([[10.0, 12, 70, 90], [40, 30, 150, 120]]), "labels": torch.tensor([0, 3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    with torch.no_grad():
+        cpu_loss = model.loss(x, targets)
+        cpu_dets = model.predict(x)
+        model.cuda()
+        gpu_loss = model.loss(x.cuda(), [{k: v.cuda() for k, v in t.items()} for t in targets])
+        gpu_dets = model.predict(x.cuda())
+    for k in cpu_loss:
+        torch.testing.assert_close(gpu_loss[k].cpu(), cpu_loss[k], rtol=1e-3, atol=1e-4)
+    for c, g in zip(cpu_dets, gpu_dets):
+        assert len(c.boxes) == len(g.boxes) > 0
+        torch.testing.assert_close(g.scores.cpu(), c.scores, rtol=1e-3, atol=1e-4)
