@@ -8,7 +8,7 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
   | tee -a "$out/gpu.txt"
-timeout 70 python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
+timeout 70 python3 -m pytest tests/test_devices.py -m cuda -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
 # loss / post-processing grid, eager
 timeout 130 python3 benchmarks/detection.py --device cuda --no-step --repeats 10 \
   --json "$out/det_cuda_eager.json" 2>&1 | tee "$out/det_cuda_eager.txt"
