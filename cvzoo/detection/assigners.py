@@ -94,7 +94,9 @@ class ATSSAssigner:
         iou = chunked_iou(targets.boxes, priors)  # (B, M, R)
         prior_ctr = (priors[:, :2] + priors[:, 2:]) / 2  # (R, 2)
         gt_ctr = (targets.boxes[..., :2] + targets.boxes[..., 2:]) / 2  # (B, M, 2)
-        dist = torch.cdist(gt_ctr.reshape(b * m, 2), prior_ctr).reshape(b, m, -1)  # (B, M, R)
+        # exact distances: the matmul form of cdist loses precision and reorders near-equal candidates
+        dist = torch.cdist(gt_ctr.reshape(b * m, 2), prior_ctr,
+                           compute_mode="donot_use_mm_for_euclid_dist").reshape(b, m, -1)  # (B, M, R)
         candidates, start = [], 0
         for n in num_per_level:  # static level structure
             k = min(self.topk, n)
