@@ -7,6 +7,7 @@ import torch
 
 from cvzoo.zoo import create_model
 
+
 @pytest.fixture
 def full_fp32():
     """cuDNN/cuBLAS without TF32, restored afterwards: comparisons at fp32 precision."""
