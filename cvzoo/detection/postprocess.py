@@ -5,6 +5,7 @@ The number of dispatched operations does not depend on the batch size: no loop o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,6 +35,12 @@ def batched_nms_once(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshol
     return nms(boxes + shift[:, None], scores.double(), iou_threshold)
 
 
+def rank_within_groups(groups: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """Sorted group ids (N,) -> each element's position within its group (N,), and group sizes (num_groups,)."""
+    counts = torch.bincount(groups, minlength=num_groups)
+    return torch.arange(groups.numel(), device=groups.device) - (torch.cumsum(counts, 0) - counts)[groups], counts
+
+
 def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: float, topk_candidates: int,
                 to_probability: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(B, R, K) class scores -> per image the `topk_candidates` best (prior, class) pairs of each level.
@@ -61,6 +68,41 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
     return top_scores, torch.div(flat, k, rounding_mode="floor"), flat % k
 
 
+def select_topk_sparse(scores: Tensor, num_per_level: Sequence[int], raw_thresh: float, topk_candidates: int,
+                       to_probability: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The pairs `select_topk` keeps, found by thresholding first (for CPU, where a top-k over every
+    score costs more than a pass that keeps the few above the threshold). `raw_thresh` is the threshold
+    in the units of `scores` (a logit when `to_probability` is sigmoid).
+
+    Returns scores, prior indices and labels as (B, N') with N' the largest kept count of an image,
+    padded with score -1. Per level: one mask, one nonzero, one sort by (image, score), a rank within
+    each image; a constant number of operations, not a loop over images.
+    """
+    b, _, k = scores.shape
+    out_s, out_i = [], []
+    start = 0
+    for n in num_per_level:
+        s = scores[:, start:start + n].reshape(b, -1)  # (B, n*K)
+        img, col = (s > raw_thresh).nonzero(as_tuple=True)
+        vals = s[img, col].float()
+        order = torch.sort(vals, descending=True, stable=True).indices
+        order = order[torch.sort(img[order], stable=True).indices]  # by image, best first within each
+        img, col, vals = img[order], col[order], vals[order]
+        rank, counts = rank_within_groups(img, b)
+        keep = rank < topk_candidates
+        img, col, vals, rank = img[keep], col[keep], vals[keep], rank[keep]
+        width = int(min(topk_candidates, counts.max())) if counts.numel() and img.numel() else 0
+        top_s = torch.full((b, width), -1.0, device=s.device)
+        top_i = torch.zeros((b, width), dtype=torch.int64, device=s.device)
+        top_s[img, rank] = vals if to_probability is None else to_probability(vals)
+        top_i[img, rank] = col + start * k
+        out_s.append(top_s)
+        out_i.append(top_i)
+        start += n
+    top_scores, flat = torch.cat(out_s, dim=1), torch.cat(out_i, dim=1)
+    return top_scores, torch.div(flat, k, rounding_mode="floor"), flat % k
+
+
 def batched_postprocess(
     scores: Tensor,
     decode: Callable[[Tensor], Tensor],
@@ -77,8 +119,15 @@ def batched_postprocess(
     -> one Detections per image, best first.
     """
     b, _, k = scores.shape
-    top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates,
-                                                to_probability)
+    raw_thresh = score_thresh if to_probability is None else None
+    if to_probability is torch.sigmoid and score_thresh > 0:
+        raw_thresh = math.log(score_thresh / (1 - score_thresh))  # the threshold as a logit
+    if scores.is_cuda or raw_thresh is None:  # dense top-k: no synchronisation, a fixed shape
+        top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates,
+                                                    to_probability)
+    else:  # CPU: threshold first, as most scores are far below it
+        top_scores, prior_idx, labels = select_topk_sparse(scores, num_per_level, raw_thresh, topk_candidates,
+                                                           to_probability)
     boxes = clip_boxes(decode(prior_idx), image_sizes)  # (B, N, 4)
     image_idx = torch.arange(b, device=scores.device)[:, None].expand_as(labels)
     keep = (top_scores > score_thresh).reshape(-1)  # the one data-dependent step: drops the -1 fillers
@@ -91,9 +140,7 @@ def batched_postprocess(
     image_of = image_idx[kept]
     order = torch.sort(image_of, stable=True).indices  # group by image, best first within each
     kept, image_of = kept[order], image_of[order]
-    counts = torch.bincount(image_of, minlength=b)
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(kept.numel(), device=kept.device) - first[image_of]
+    rank, _ = rank_within_groups(image_of, b)
     top = rank < max_detections
     kept, image_of = kept[top], image_of[top]
     sizes = torch.bincount(image_of, minlength=b).tolist()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from cvzoo.detection.coders import BoxCoder
-from cvzoo.detection.postprocess import batched_postprocess, select_topk
+from cvzoo.detection.postprocess import batched_postprocess, select_topk, select_topk_sparse
 from cvzoo.detection.priors import AnchorGenerator
 
 STRIDES = (8, 16, 32)
@@ -145,3 +147,23 @@ def test_select_topk_shapes_and_values():
             assert sorted(got, reverse=True) == expected
             assert all(bounds[level] <= p < bounds[level + 1] for p in prior_idx[i, col:col + kk].tolist())
         col += kk
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_sparse_selection_keeps_the_same_pairs_as_dense_topk(logits):
+    b, k, num_per_level, thresh = 3, 4, [40, 12, 3], 0.6
+    g = torch.Generator().manual_seed(7)
+    scores = torch.rand(b, sum(num_per_level), k, generator=g)
+    scores[1] = scores[1].clamp(max=0.5)  # an image with nothing above the threshold
+    raw, fn = (torch.logit(scores), torch.sigmoid) if logits else (scores, None)
+    raw_thresh = math.log(thresh / (1 - thresh)) if logits else thresh
+    dense = select_topk(raw, num_per_level, thresh, 7, fn)
+    sparse = select_topk_sparse(raw, num_per_level, raw_thresh, 7, fn)
+
+    def kept(result):
+        s, p, c = result
+        return sorted((i, round(s[i, j].item(), 5), p[i, j].item(), c[i, j].item())
+                      for i in range(b) for j in range(s.shape[1]) if s[i, j] > thresh)
+
+    assert kept(dense) == kept(sparse)
+    assert len(kept(dense)) > 0 and all(i != 1 for i, *_ in kept(dense))
