@@ -16,7 +16,7 @@ from cvzoo.detection.structures import TargetBatch
 
 BACKGROUND = -1
 IGNORE = -2
-IOU_CHUNK = 16384  # priors per IoU chunk: bounds the (B, M, chunk, 2) temporaries of eager mode
+IOU_CHUNK = 32768  # priors per IoU chunk: bounds the (B, M, chunk, 2) temporaries of eager mode
 
 
 def chunked_iou(gt_boxes: Tensor, priors: Tensor, chunk: int = IOU_CHUNK) -> Tensor:

@@ -28,13 +28,17 @@ class BoxCoder:
         self.exp_clamp = exp_clamp
 
     def encode(self, boxes: Tensor, priors: Tensor) -> Tensor:
-        wx, wy, ww, wh = self.weights
-        pw, ph = priors[..., 2] - priors[..., 0], priors[..., 3] - priors[..., 1]
-        px, py = priors[..., 0] + 0.5 * pw, priors[..., 1] + 0.5 * ph
-        gw, gh = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-        gx, gy = boxes[..., 0] + 0.5 * gw, boxes[..., 1] + 0.5 * gh
-        return torch.stack([wx * (gx - px) / pw, wy * (gy - py) / ph,
-                            ww * torch.log(gw / pw), wh * torch.log(gh / ph)], dim=-1)
+        # on (x, y) / (w, h) pairs: the same arithmetic as torchvision in a third of the operations
+        pwh = priors[..., 2:] - priors[..., :2]
+        pxy = priors[..., :2] + 0.5 * pwh
+        gwh = boxes[..., 2:] - boxes[..., :2]
+        gxy = boxes[..., :2] + 0.5 * gwh
+        wxy, wwh = self._pair(self.weights[:2], priors), self._pair(self.weights[2:], priors)
+        return torch.cat([wxy * (gxy - pxy) / pwh, wwh * torch.log(gwh / pwh)], dim=-1)
+
+    @staticmethod
+    def _pair(values: tuple[float, float], like: Tensor) -> Tensor | float:
+        return values[0] if values[0] == values[1] else torch.tensor(values, dtype=like.dtype, device=like.device)
 
     def decode(self, deltas: Tensor, priors: Tensor) -> Tensor:
         wx, wy, ww, wh = self.weights
