@@ -15,19 +15,62 @@ from torchvision.ops import batched_nms, nms
 from cvzoo.detection.boxes import clip_boxes
 from cvzoo.detection.structures import Detections
 
+GROUPED_NMS_BUDGET = 2**26  # (groups x largest group^2) IoU entries grouped_nms may hold at once
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
+                max_elements: int = GROUPED_NMS_BUDGET) -> Tensor | None:
+    """Exact greedy NMS within groups, all groups at once: (N, 4), (N,), (N,) -> kept indices, best first,
+    or None when the padded (groups, S, S) IoU block would exceed `max_elements` (S: largest group).
+
+    Boxes are laid out (group, rank by score) in a padded block; `over[g, i, j]` says box i outranks
+    and overlaps box j. Greedy NMS is the unique fixed point of keep[j] = not any_i (keep[i] and
+    over[i, j]); iterating from keep = all converges to it, at most S rounds and in practice a few
+    (the depth of suppression chains). Same decisions as torchvision's nms (IoU > threshold suppresses).
+    """
+    n = boxes.shape[0]
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(groups[order], stable=True).indices]  # by group, best first within each
+    _, segment, counts = torch.unique_consecutive(groups[order], return_inverse=True, return_counts=True)
+    num_groups, size = counts.numel(), int(counts.max())
+    if num_groups * size * size > max_elements:
+        return None
+    rank = torch.arange(n, device=boxes.device) - (torch.cumsum(counts, 0) - counts)[segment]
+    block = boxes.new_zeros(num_groups, size, 4)
+    block[segment, rank] = boxes[order]
+    valid = torch.zeros(num_groups, size, dtype=torch.bool, device=boxes.device)
+    valid[segment, rank] = True
+    wh = (torch.minimum(block[:, :, None, 2:], block[:, None, :, 2:])
+          - torch.maximum(block[:, :, None, :2], block[:, None, :, :2])).clamp(min=0)
+    inter = wh.prod(-1)  # (G, S, S)
+    area = (block[..., 2:] - block[..., :2]).prod(-1)  # (G, S)
+    over = inter / (area[:, :, None] + area[:, None, :] - inter) > iou_threshold
+    over &= torch.ones(size, size, dtype=torch.bool, device=boxes.device).triu(1)  # i outranks j
+    keep = valid
+    while True:
+        new = valid & ~(over & keep[:, :, None]).any(dim=1)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    kept = order[keep[segment, rank]]
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+
 
 def batched_nms_once(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
     """NMS within groups (image x class) for the whole batch. Returns kept indices, best score first.
 
-    On CUDA: ONE torchvision.ops.nms call, boxes of different groups shifted apart so they never overlap
-    (the coordinate trick), a constant number of operations. On CPU: torchvision's batched_nms, which
-    does the same up to 1,000 boxes and past that loops over the groups, because the CPU kernel's cost
-    grows with (boxes x kept boxes) over the whole call, groups or not.
+    On CUDA: `grouped_nms` (all groups in one padded block, a few rounds) when the block fits, else ONE
+    torchvision.ops.nms call with groups shifted apart (the coordinate trick; its mask grows with the
+    square of the whole batch's box count). On CPU: torchvision's batched_nms, which uses the trick up
+    to 1,000 boxes and past that loops over the groups, faster there than either batched form.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if not boxes.is_cuda:
         return batched_nms(boxes, scores, groups, iou_threshold)
+    kept = grouped_nms(boxes, scores, groups, iou_threshold)
+    if kept is not None:
+        return kept
     # float64: shifts reach num_images * num_classes * max_coordinate, where float32 would round the
     # coordinates enough to flip decisions near the IoU threshold
     boxes = boxes.double()

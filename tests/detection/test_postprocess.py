@@ -10,7 +10,7 @@ from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from cvzoo.detection.coders import BoxCoder
-from cvzoo.detection.postprocess import batched_postprocess, select_topk, select_topk_sparse
+from cvzoo.detection.postprocess import batched_postprocess, grouped_nms, select_topk, select_topk_sparse
 from cvzoo.detection.priors import AnchorGenerator
 
 STRIDES = (8, 16, 32)
@@ -167,3 +167,18 @@ def test_sparse_selection_keeps_the_same_pairs_as_dense_topk(logits):
 
     assert kept(dense) == kept(sparse)
     assert len(kept(dense)) > 0 and all(i != 1 for i, *_ in kept(dense))
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_grouped_nms_equals_torchvision_batched_nms(threshold):
+    g = torch.Generator().manual_seed(11)
+    n = 3000
+    xy = torch.rand(n, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 80], dim=1)
+    scores = torch.rand(n, generator=g)
+    groups = torch.randint(0, 40, (n,), generator=g)
+    ref = batched_nms(boxes, scores, groups, threshold)
+    got = grouped_nms(boxes, scores, groups, threshold)
+    assert torch.equal(got.sort().values, ref.sort().values)
+    assert torch.all(scores[got][1:] <= scores[got][:-1])  # best first
+    assert grouped_nms(boxes, scores, groups, threshold, max_elements=10) is None  # over budget: caller falls back
