@@ -158,30 +158,29 @@ def convnext_atto_classifier(num_classes: int = 1000, pretrained: bool = False, 
     return _classifier(convnext_atto(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
 
 
-def resnet_micro_multitask(num_classes: int = 4, num_keypoints: int = 4, value_range: tuple[float, float] = (0.0, 1.0),
-                           pretrained: bool = False, loss_weights: dict[str, float] | None = None) -> MultiTaskModel:
-    """ResNet-micro with three heads: class, a bounded scalar value (a price) and keypoints (corners)."""
-    backbone = resnet_micro(pretrained=pretrained, out_indices=(3,))
+def _multitask(backbone: nn.Module, num_classes: int, num_keypoints: int, value_range: tuple[float, float],
+               keypoint_hidden: int, loss_weights: dict[str, float] | None) -> MultiTaskModel:
     c = backbone.feature_info[-1].channels
     head = MultiTaskHead({
         "label": ClassificationHead(c, num_classes),
         "value": RegressionHead(c, 1, value_range=value_range),
-        "keypoints": KeypointRegressionHead(c, num_keypoints, hidden=64),
+        "keypoints": KeypointRegressionHead(c, num_keypoints, hidden=keypoint_hidden),
     })
     return MultiTaskModel(backbone, head, loss_weights=loss_weights)
+
+
+def resnet_micro_multitask(num_classes: int = 4, num_keypoints: int = 4, value_range: tuple[float, float] = (0.0, 1.0),
+                           pretrained: bool = False, loss_weights: dict[str, float] | None = None) -> MultiTaskModel:
+    """ResNet-micro with three heads: class, a bounded scalar value (a price) and keypoints (corners)."""
+    backbone = resnet_micro(pretrained=pretrained, out_indices=(3,))
+    return _multitask(backbone, num_classes, num_keypoints, value_range, 64, loss_weights)
 
 
 def resnet18_multitask(num_classes: int = 4, num_keypoints: int = 4, value_range: tuple[float, float] = (0.0, 1.0),
                        pretrained: bool = False, loss_weights: dict[str, float] | None = None) -> MultiTaskModel:
     """ResNet-18 with three heads: class, a bounded scalar value (a price) and keypoints (corners)."""
     backbone = resnet18(pretrained=pretrained, out_indices=(3,))
-    c = backbone.feature_info[-1].channels
-    head = MultiTaskHead({
-        "label": ClassificationHead(c, num_classes),
-        "value": RegressionHead(c, 1, value_range=value_range),
-        "keypoints": KeypointRegressionHead(c, num_keypoints, hidden=256),
-    })
-    return MultiTaskModel(backbone, head, loss_weights=loss_weights)
+    return _multitask(backbone, num_classes, num_keypoints, value_range, 256, loss_weights)
 
 
 # ---- dense detectors ----------------------------------------------------------------------------------

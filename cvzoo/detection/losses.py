@@ -13,14 +13,6 @@ from torchvision.ops import sigmoid_focal_loss
 from cvzoo.detection.boxes import elementwise_giou
 
 
-def class_targets(labels: Tensor, num_classes: int) -> Tensor:
-    """(B, R) labels with -1 for background -> (B, R, K) float one-hot rows (all zero for background).
-
-    A comparison instead of F.one_hot, which reads the labels' range (a host-device sync).
-    """
-    return (labels[..., None] == torch.arange(num_classes, device=labels.device)).float()
-
-
 def label_focal_loss(logits: Tensor, labels: Tensor, weight: Tensor | None = None, alpha: float = 0.25,
                      gamma: float = 2.0) -> Tensor:
     """Sigmoid focal loss against one-hot targets given as labels, summed over classes: (B, R, K) logits,

@@ -108,10 +108,3 @@ def grid_centres(sizes: Sequence[tuple[int, int]], strides: Sequence[int], offse
     local = index - start
     yx = torch.stack([local % width, torch.div(local, width, rounding_mode="floor")], dim=-1)  # (N, 2) as x, y
     return (yx.to(dtype) + offset) * stride[:, None].to(dtype), level
-
-
-def level_of_priors(sizes: Sequence[tuple[int, int]], anchors_per_location: int, device=None) -> Tensor:
-    """(R,) int64 level index of each prior row."""
-    return torch.cat([torch.full((h * w * anchors_per_location,), level, dtype=torch.int64, device=device)
-                      for level, (h, w) in enumerate(sizes)])
-

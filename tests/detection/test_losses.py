@@ -182,11 +182,19 @@ def test_losses_stay_float32_under_bf16_autocast():
     torch.testing.assert_close(outs["giou"], giou_loss(boxes_p.float(), boxes_t, weight))
 
 
-def test_class_targets_equals_one_hot_with_background_rows():
-    if not hasattr(losses_module, "class_targets"):
-        pytest.skip("cvzoo.detection.losses.class_targets not present")
-    labels = torch.tensor([[0, -1, 2, 1], [-1, -1, -1, -1]])
-    out = losses_module.class_targets(labels, 3)
-    expected = F.one_hot(labels.clamp(min=0), 3).float() * (labels >= 0)[..., None]
-    assert out.dtype == torch.float32
-    assert torch.equal(out, expected)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_label_focal_loss_equals_torchvision_focal_on_one_hot_targets(compiled):
+    """Both formulas (eager: sigmoid + softplus; traced: one exp and one log) against torchvision."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2, 50, 6, generator=g) * 4).requires_grad_(True)
+    labels = torch.randint(-1, 6, (2, 50), generator=g)
+    weight = (torch.rand(2, 50, generator=g) > 0.2).float()
+    fn = torch.compile(losses_module.label_focal_loss, backend="eager", fullgraph=True) if compiled \
+        else losses_module.label_focal_loss
+    ours = fn(logits, labels, weight)
+    onehot = F.one_hot(labels.clamp(min=0), 6).float() * (labels >= 0)[..., None]
+    ref = sigmoid_focal_loss(logits, onehot, reduction="none").sum(-1) * weight
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
