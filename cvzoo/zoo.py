@@ -134,12 +134,12 @@ def _classifier(backbone: nn.Module, num_classes: int, **head_kwargs) -> ImageCl
 
 
 def resnet_micro_classifier(num_classes: int = 10, pretrained: bool = False, **kwargs) -> ImageClassifier:
-    """ResNet-micro image classifier (0.2M parameters), for CPU training demos."""
+    """ResNet-micro image classifier (0.3M parameters), for CPU training demos."""
     return _classifier(resnet_micro(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
 
 
 def convnext_micro_classifier(num_classes: int = 10, pretrained: bool = False, **kwargs) -> ImageClassifier:
-    """ConvNeXt-micro image classifier (0.3M parameters)."""
+    """ConvNeXt-micro image classifier (0.2M parameters)."""
     return _classifier(convnext_micro(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -117,3 +118,10 @@ def test_markdown_table_lists_every_entry():
     table = markdown_table()
     for name in MODELS:
         assert f"| `{name}` |" in table
+
+
+@pytest.mark.parametrize("name", [n for n, e in MODELS.items() if re.search(r"\d+(\.\d)?M", e.description)])
+def test_parameter_counts_in_descriptions_are_true(name):
+    claimed = float(re.search(r"(\d+(?:\.\d)?)M", MODELS[name].description).group(1))
+    actual = sum(p.numel() for p in create_model(name).parameters()) / 1e6
+    assert round(actual, 1 if claimed < 10 else 0) == claimed, (name, actual)

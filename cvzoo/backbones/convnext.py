@@ -153,7 +153,7 @@ def _build(depths, dims, timm_name: str | None, pretrained: PretrainedArg, **kwa
 
 
 def convnext_micro(pretrained: PretrainedArg = False, **kwargs) -> ConvNeXt:
-    """A 0.3M-parameter ConvNeXt (one block a stage, dims 16-128) for CPU tests and demos."""
+    """A 0.2M-parameter ConvNeXt (one block a stage, dims 16-128) for CPU tests and demos."""
     return _build((1, 1, 1, 1), (16, 32, 64, 128), None, pretrained, **kwargs)
 
 

@@ -169,7 +169,7 @@ def _build(layers, block, widths, stem_width, tv_name: str | None, pretrained: P
 
 
 def resnet_micro(pretrained: PretrainedArg = False, **kwargs) -> ResNet:
-    """A 0.2M-parameter ResNet (one basic block a stage, widths 16-128) for CPU tests and demos."""
+    """A 0.3M-parameter ResNet (one basic block a stage, widths 16-128) for CPU tests and demos."""
     return _build((1, 1, 1, 1), "basic", (16, 32, 64, 128), 16, None, pretrained, **kwargs)
 
 
