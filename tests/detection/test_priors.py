@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from cvzoo.detection.priors import AnchorGenerator, PointGenerator, level_of_priors, retinanet_anchor_sizes
+from cvzoo.detection.priors import AnchorGenerator, PointGenerator, retinanet_anchor_sizes
 
 STRIDES = (8, 16, 32, 64, 128)
 RATIOS = (0.5, 1.0, 2.0)
@@ -55,7 +55,6 @@ def test_anchor_generator_row_order_level_y_x_anchor():
                         assert anchors[row].tolist() == expected, (level, y, x, ratio, s)
                         row += 1
     assert row == anchors.shape[0]
-    assert level_of_priors(sizes, a).tolist() == [0] * (12 * a) + [1] * (4 * a)
 
 
 def test_anchor_generator_scales_and_offset():
