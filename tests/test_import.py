@@ -42,4 +42,5 @@ def test_lazy_subpackages():
     import cvzoo
 
     assert cvzoo.necks.FPN.__name__ == "FPN"
+    assert cvzoo.detection.RetinaNet.__name__ == "RetinaNet"
     assert cvzoo.__version__
