@@ -1,6 +1,8 @@
-"""Batched post-processing: per-level top-k over the whole batch, one batched_nms call, per-image split.
+"""Batched post-processing: per-level top-k over the whole batch, NMS over the whole batch, per-image split.
 
-The number of dispatched operations does not depend on the batch size: no loop over images.
+No loop over images: the number of dispatched operations does not depend on the batch size. NMS stops
+early: it runs over each image's best candidates and takes more only while an image is still short of
+`max_detections` detections (see `_nms_best_first`).
 """
 
 from __future__ import annotations
@@ -91,58 +93,36 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
     Returns scores (B, N), prior indices (B, N), labels (B, N), N = sum_l min(topk, R_l * K). Pairs at or
     below `score_thresh` get score -1 and are dropped after NMS. Taking the top-k first and thresholding
     the k kept gives the same set as torchvision's threshold-then-top-k per level and image (the pairs
-    above the threshold are the best ones), without a pass over all scores. `to_probability`, a
-    monotone map applied to the k kept only, lets `scores` be logits (sigmoid of k values, not of all).
+    above the threshold are the best ones). `to_probability`, a monotone map applied to the k kept only,
+    lets `scores` be logits (sigmoid of k values, not of all).
+
+    Two stages, no synchronisation and fixed shapes: the best k pairs of a level lie on the k priors
+    with the best class score (a pair outside them is beaten by each of those k priors' best pairs), so
+    a top-k over each prior's maximum picks k priors and a top-k over their k x K pairs picks the pairs;
+    a max pass over all scores replaces a top-k over all of them.
     """
-    k = scores.shape[-1]
+    b, _, k = scores.shape
     out_s, out_i = [], []
     start = 0
     for n in num_per_level:  # static level structure
-        s = scores[:, start:start + n].reshape(scores.shape[0], -1)  # (B, n*K)
-        s = s if s.dtype == torch.float32 else s.float()  # bf16 under autocast would tie many scores
-        top_s, top_i = s.topk(min(topk_candidates, n * k), dim=1)
+        level = scores[:, start:start + n]  # (B, n, K)
+        level = level if level.dtype == torch.float32 else level.float()  # bf16 would tie many scores
+        kk = min(topk_candidates, n * k)
+        if k > 1 and n > kk:
+            _, priors = level.amax(dim=2).topk(kk, dim=1, sorted=False)  # (B, kk)
+            pairs = torch.gather(level, 1, priors[..., None].expand(-1, -1, k)).reshape(b, -1)  # (B, kk*K)
+            top_s, j = pairs.topk(kk, dim=1, sorted=False)
+            prior = torch.gather(priors, 1, torch.div(j, k, rounding_mode="floor"))
+            flat = prior * k + j % k
+        else:
+            top_s, flat = level.reshape(b, -1).topk(kk, dim=1, sorted=False)
         out_s.append(top_s)
-        out_i.append(top_i + start * k)
+        out_i.append(flat + start * k)
         start += n
     top_scores, flat = torch.cat(out_s, dim=1), torch.cat(out_i, dim=1)
     if to_probability is not None:
         top_scores = to_probability(top_scores.float())
     top_scores = torch.where(top_scores > score_thresh, top_scores, torch.full_like(top_scores, -1.0))
-    return top_scores, torch.div(flat, k, rounding_mode="floor"), flat % k
-
-
-def select_topk_sparse(scores: Tensor, num_per_level: Sequence[int], raw_thresh: float, topk_candidates: int,
-                       to_probability: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The pairs `select_topk` keeps, found by thresholding first (for CPU, where a top-k over every
-    score costs more than a pass that keeps the few above the threshold). `raw_thresh` is the threshold
-    in the units of `scores` (a logit when `to_probability` is sigmoid).
-
-    Returns scores, prior indices and labels as (B, N') with N' the largest kept count of an image,
-    padded with score -1. Per level: one mask, one nonzero, one sort by (image, score), a rank within
-    each image; a constant number of operations, not a loop over images.
-    """
-    b, _, k = scores.shape
-    out_s, out_i = [], []
-    start = 0
-    for n in num_per_level:
-        s = scores[:, start:start + n].reshape(b, -1)  # (B, n*K)
-        img, col = (s > raw_thresh).nonzero(as_tuple=True)
-        vals = s[img, col].float()
-        order = torch.sort(vals, descending=True, stable=True).indices
-        order = order[torch.sort(img[order], stable=True).indices]  # by image, best first within each
-        img, col, vals = img[order], col[order], vals[order]
-        rank, counts = rank_within_groups(img, b)
-        keep = rank < topk_candidates
-        img, col, vals, rank = img[keep], col[keep], vals[keep], rank[keep]
-        width = int(min(topk_candidates, counts.max())) if counts.numel() and img.numel() else 0
-        top_s = torch.full((b, width), -1.0, device=s.device)
-        top_i = torch.zeros((b, width), dtype=torch.int64, device=s.device)
-        top_s[img, rank] = vals if to_probability is None else to_probability(vals)
-        top_i[img, rank] = col + start * k
-        out_s.append(top_s)
-        out_i.append(top_i)
-        start += n
-    top_scores, flat = torch.cat(out_s, dim=1), torch.cat(out_i, dim=1)
     return top_scores, torch.div(flat, k, rounding_mode="floor"), flat % k
 
 
@@ -162,30 +142,77 @@ def batched_postprocess(
     -> one Detections per image, best first.
     """
     b, _, k = scores.shape
-    raw_thresh = score_thresh if to_probability is None else None
-    if to_probability is torch.sigmoid and score_thresh > 0:
-        raw_thresh = math.log(score_thresh / (1 - score_thresh))  # the threshold as a logit
-    if scores.is_cuda or raw_thresh is None:  # dense top-k: no synchronisation, a fixed shape
-        top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates,
-                                                    to_probability)
-    else:  # CPU: threshold first, as most scores are far below it
-        top_scores, prior_idx, labels = select_topk_sparse(scores, num_per_level, raw_thresh, topk_candidates,
-                                                           to_probability)
-    boxes = clip_boxes(decode(prior_idx), image_sizes)  # (B, N, 4)
-    image_idx = torch.arange(b, device=scores.device)[:, None].expand_as(labels)
-    keep = (top_scores > score_thresh).reshape(-1)  # the one data-dependent step: drops the -1 fillers
-    boxes, top_scores = boxes.reshape(-1, 4)[keep], top_scores.reshape(-1)[keep]
-    labels, image_idx = labels.reshape(-1)[keep], image_idx.reshape(-1)[keep]
-    if nms_thresh is not None:
-        kept = batched_nms_once(boxes.float(), top_scores.float(), image_idx * k + labels, nms_thresh)
+    top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates,
+                                                to_probability)
+    best, order = torch.sort(top_scores, dim=1, descending=True, stable=True)  # (B, N) best first
+    valid = best > score_thresh
+    num_valid = valid.sum(dim=1)
+    flat = valid.reshape(-1).nonzero()[:, 0]  # the data-dependent step: drops the -1 fillers
+    boxes = clip_boxes(decode(torch.gather(prior_idx, 1, order)), image_sizes).reshape(-1, 4)[flat]
+    labels = torch.gather(labels, 1, order).reshape(-1)[flat]
+    best = best.reshape(-1)[flat]
+    n = top_scores.shape[1]
+    image_of, position = torch.div(flat, n, rounding_mode="floor"), flat % n
+    if nms_thresh is None:  # already best first within each image
+        kept = torch.arange(best.numel(), device=best.device)
     else:
-        kept = top_scores.argsort(descending=True)
-    image_of = image_idx[kept]
+        kept = _nms_best_first(boxes.float(), image_of * k + labels, image_of, position, num_valid, nms_thresh,
+                               max_detections)
+    image_of = image_of[kept]
     order = torch.sort(image_of, stable=True).indices  # group by image, best first within each
     kept, image_of = kept[order], image_of[order]
     rank, _ = rank_within_groups(image_of, b)
     top = rank < max_detections
     kept, image_of = kept[top], image_of[top]
     sizes = torch.bincount(image_of, minlength=b).tolist()
-    return [Detections(*parts) for parts in zip(boxes[kept].split(sizes), top_scores[kept].split(sizes),
+    return [Detections(*parts) for parts in zip(boxes[kept].split(sizes), best[kept].split(sizes),
                                                 labels[kept].split(sizes))]
+
+
+def _nms_best_first(boxes: Tensor, groups: Tensor, image_of: Tensor, position: Tensor, num_valid: Tensor,
+                    iou_threshold: float, max_detections: int) -> Tensor:
+    """NMS within groups that stops once each image keeps `max_detections`: kept indices, best first
+    within each image.
+
+    `position` is each box's rank by score within its image (stable: equal scores keep their order,
+    whatever the chunks). `num_valid` (B,) is the number of boxes of each image. Greedy NMS decides a
+    box from the better boxes of its image only, so NMS over each image's best m boxes decides them
+    exactly as NMS over all would, and a suppressed box suppresses nothing. The prefix grows, for the
+    images still short of `max_detections` and with boxes left, until none is: the next boxes are
+    first tested against the boxes kept so far (one padded IoU block, (boxes, most kept in a group)),
+    then NMS runs among the survivors. Most of the quadratic NMS work past an image's last detection is skipped.
+    """
+    b = num_valid.numel()
+    m = 2 * max_detections
+    kept = torch.empty(0, dtype=torch.int64, device=boxes.device)
+    lo = 0
+    while True:
+        chunk = ((position >= lo) & (position < m)).nonzero()[:, 0]
+        if kept.numel():
+            chunk = chunk[~_overlaps_kept(boxes, groups, kept, chunk, iou_threshold)]
+        rank_as_score = -position[chunk].to(boxes.dtype)
+        kept = torch.cat([kept, chunk[batched_nms_once(boxes[chunk], rank_as_score, groups[chunk], iou_threshold)]])
+        kept_per_image = torch.bincount(image_of[kept], minlength=b)
+        short = (kept_per_image < max_detections) & (num_valid > m)
+        if not bool(short.any()):
+            return kept
+        # grow to where the slowest image should reach max_detections at its keep rate so far
+        fewest = int(kept_per_image.masked_fill(~short, m).min())
+        lo, m = m, m + max(m // 2, math.ceil(1.25 * (max_detections - fewest) * m / max(fewest, 1)))
+        position = position.masked_fill(~short[image_of], -1)  # images already done take no more boxes
+
+
+def _overlaps_kept(boxes: Tensor, groups: Tensor, kept: Tensor, candidates: Tensor, iou_threshold: float) -> Tensor:
+    """(C,) bool: candidate overlaps (IoU > threshold) a kept box of its group. Kept boxes are laid out
+    in a padded (groups, most kept in a group, 4) block; each candidate meets its group's row."""
+    kept = kept[torch.sort(groups[kept], stable=True).indices]
+    ids, slot, counts = torch.unique_consecutive(groups[kept], return_inverse=True, return_counts=True)
+    rank = torch.arange(kept.numel(), device=kept.device) - (torch.cumsum(counts, 0) - counts)[slot]
+    block = boxes.new_zeros(ids.numel() + 1, int(counts.max()), 4)  # the last row: groups with no kept box
+    block[slot, rank] = boxes[kept]
+    row = torch.searchsorted(ids, groups[candidates]).clamp(max=ids.numel() - 1)
+    row = torch.where(ids[row] == groups[candidates], row, ids.numel())
+    a, k = boxes[candidates][:, None], block[row]  # (C, 1, 4), (C, S, 4)
+    inter = (torch.minimum(a[..., 2:], k[..., 2:]) - torch.maximum(a[..., :2], k[..., :2])).clamp(min=0).prod(-1)
+    area_a, area_k = (a[..., 2:] - a[..., :2]).prod(-1), (k[..., 2:] - k[..., :2]).prod(-1)
+    return (inter / (area_a + area_k - inter) > iou_threshold).any(dim=1)

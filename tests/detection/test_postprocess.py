@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from cvzoo.detection.coders import BoxCoder
-from cvzoo.detection.postprocess import batched_postprocess, grouped_nms, select_topk, select_topk_sparse
+from cvzoo.detection.postprocess import batched_postprocess, grouped_nms, select_topk
 from cvzoo.detection.priors import AnchorGenerator
 
 STRIDES = (8, 16, 32)
@@ -150,23 +148,61 @@ def test_select_topk_shapes_and_values():
 
 
 @pytest.mark.parametrize("logits", [False, True])
-def test_sparse_selection_keeps_the_same_pairs_as_dense_topk(logits):
-    b, k, num_per_level, thresh = 3, 4, [40, 12, 3], 0.6
+def test_two_stage_selection_keeps_the_top_pairs_of_all(logits):
+    """A level with more priors than candidates goes through the best-prior-first stage; its result must be
+    the top-k over all (prior, class) pairs, also when a prior holds several of the best pairs."""
+    b, k, num_per_level, topk, thresh = 3, 6, [200, 30, 3], 25, 0.6
     g = torch.Generator().manual_seed(7)
     scores = torch.rand(b, sum(num_per_level), k, generator=g)
+    scores[0, 5] = 0.999  # one prior holding 6 of the best pairs of image 0
     scores[1] = scores[1].clamp(max=0.5)  # an image with nothing above the threshold
     raw, fn = (torch.logit(scores), torch.sigmoid) if logits else (scores, None)
-    raw_thresh = math.log(thresh / (1 - thresh)) if logits else thresh
-    dense = select_topk(raw, num_per_level, thresh, 7, fn)
-    sparse = select_topk_sparse(raw, num_per_level, raw_thresh, 7, fn)
+    top_scores, prior_idx, labels = select_topk(raw, num_per_level, thresh, topk, fn)
+    got = sorted((i, p, c) for i, p, c in zip(torch.arange(b)[:, None].expand_as(labels).reshape(-1).tolist(),
+                                              prior_idx.reshape(-1).tolist(), labels.reshape(-1).tolist())
+                 if scores[i, p, c] > thresh)
+    assert (top_scores > thresh).sum() == len(got)
+    expected, start = [], 0
+    for n in num_per_level:
+        flat = scores[:, start:start + n].reshape(b, -1)
+        values, idx = flat.topk(min(topk, n * k), dim=1)
+        expected += [(i, start + j // k, j % k) for i in range(b) for v, j in zip(values[i].tolist(), idx[i].tolist())
+                     if v > thresh]
+        start += n
+    assert got == sorted(expected)
+    assert sum(1 for i, p, _ in got if (i, p) == (0, 5)) == k
+    assert all(i != 1 for i, *_ in got)
 
-    def kept(result):
-        s, p, c = result
-        return sorted((i, round(s[i, j].item(), 5), p[i, j].item(), c[i, j].item())
-                      for i in range(b) for j in range(s.shape[1]) if s[i, j] > thresh)
 
-    assert kept(dense) == kept(sparse)
-    assert len(kept(dense)) > 0 and all(i != 1 for i, *_ in kept(dense))
+def test_nms_that_stops_early_equals_full_nms_over_several_rounds(monkeypatch):
+    """Many overlapping candidates and a small max_detections: the early-stopping NMS needs several prefix
+    rounds, and its detections must still be the reference's (full per-image NMS, then the best max_det)."""
+    import cvzoo.detection.postprocess as post
+
+    g = torch.Generator().manual_seed(5)
+    b, r, k, max_det = 4, 600, 3, 40
+    centres = torch.rand(b, r, 2, generator=g) * 150
+    size = 40 + torch.rand(b, r, 2, generator=g) * 40
+    boxes = torch.cat([centres - size / 2, centres + size / 2], dim=-1)
+    scores = torch.rand(b, r, k, generator=g)
+    scores[2, 25:] *= 0.05  # an image with 75 candidates, exhausted before max_det
+    image_sizes = torch.tensor([[256, 256]] * b)
+    calls = []
+    real = post.batched_nms_once
+    monkeypatch.setattr(post, "batched_nms_once", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    dets = batched_postprocess(scores, lambda idx: torch.gather(boxes, 1, idx[..., None].expand(-1, -1, 4)),
+                               [r], image_sizes, 0.05, 0.3, r * k, max_det)
+    assert len(calls) >= 2  # the first prefix (2 x max_det a image) left some image short
+    for i in range(b):
+        flat = scores[i].reshape(-1)
+        keep = (flat > 0.05).nonzero()[:, 0]
+        cand_boxes = boxes[i][keep // k].clamp(0, 256)
+        ref = batched_nms(cand_boxes, flat[keep], keep % k, 0.3)[:max_det]
+        assert len(dets[i].scores) == len(ref) == (max_det if i != 2 else len(ref))
+        torch.testing.assert_close(dets[i].boxes, cand_boxes[ref])
+        assert torch.equal(dets[i].labels, (keep % k)[ref])
+        assert torch.equal(dets[i].scores, flat[keep][ref])
+    assert 0 < len(dets[2].scores) < max_det
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
