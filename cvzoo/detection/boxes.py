@@ -80,7 +80,10 @@ def elementwise_giou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
     """GIoU of matching rows: (..., 4), (..., 4) -> (...). Same formula as torchvision's GIoU loss, on
     (x, y) pairs so it dispatches few operations."""
     a_lt, a_rb, b_lt, b_rb = a[..., :2], a[..., 2:], b[..., :2], b[..., 2:]
-    inter = (torch.minimum(a_rb, b_rb) - torch.maximum(a_lt, b_lt)).clamp(min=0).prod(-1)
-    union = (a_rb - a_lt).prod(-1) + (b_rb - b_lt).prod(-1) - inter
-    hull = (torch.maximum(a_rb, b_rb) - torch.minimum(a_lt, b_lt)).prod(-1)
+    # the four (w, h) pairs stacked, areas as w * h: prod's backward (cumprod and flips, as it guards
+    # against zeros) would add about ten operations per area
+    wh = torch.stack([(torch.minimum(a_rb, b_rb) - torch.maximum(a_lt, b_lt)).clamp(min=0), a_rb - a_lt, b_rb - b_lt,
+                      torch.maximum(a_rb, b_rb) - torch.minimum(a_lt, b_lt)])
+    inter, area_a, area_b, hull = (wh[..., 0] * wh[..., 1]).unbind(0)
+    union = area_a + area_b - inter
     return inter / (union + eps) - (hull - union) / (hull + eps)

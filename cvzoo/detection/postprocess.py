@@ -87,7 +87,8 @@ def rank_within_groups(groups: Tensor, num_groups: int) -> tuple[Tensor, Tensor]
 
 
 def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: float, topk_candidates: int,
-                to_probability: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                to_probability: Callable[[Tensor], Tensor] | None = None,
+                raw_thresh: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(B, R, K) class scores -> per image the `topk_candidates` best (prior, class) pairs of each level.
 
     Returns scores (B, N), prior indices (B, N), labels (B, N), N = sum_l min(topk, R_l * K). Pairs at or
@@ -96,10 +97,13 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
     above the threshold are the best ones). `to_probability`, a monotone map applied to the k kept only,
     lets `scores` be logits (sigmoid of k values, not of all).
 
-    Two stages, no synchronisation and fixed shapes: the best k pairs of a level lie on the k priors
-    with the best class score (a pair outside them is beaten by each of those k priors' best pairs), so
-    a top-k over each prior's maximum picks k priors and a top-k over their k x K pairs picks the pairs;
-    a max pass over all scores replaces a top-k over all of them.
+    Two stages: the best k pairs of a level lie on the k priors with the best class score (a pair
+    outside them is beaten by each of those k priors' best pairs), so a top-k over each prior's maximum
+    picks k priors and a top-k over their k x K pairs picks the pairs; a max pass over all scores
+    replaces a top-k over all of them. No synchronisation and fixed shapes, unless `raw_thresh` (the
+    threshold in the units of `scores`) is given: then each level takes only as many priors as the
+    image with the most priors above it has (one synchronisation a level; for CPU, where a sparse
+    level then costs one max pass and nothing more).
     """
     b, _, k = scores.shape
     out_s, out_i = [], []
@@ -107,17 +111,15 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
     for n in num_per_level:  # static level structure
         level = scores[:, start:start + n]  # (B, n, K)
         level = level if level.dtype == torch.float32 else level.float()  # bf16 would tie many scores
-        kk = min(topk_candidates, n * k)
-        if k > 1 and n > kk:
-            _, priors = level.amax(dim=2).topk(kk, dim=1, sorted=False)  # (B, kk)
-            pairs = torch.gather(level, 1, priors[..., None].expand(-1, -1, k)).reshape(b, -1)  # (B, kk*K)
-            top_s, j = pairs.topk(kk, dim=1, sorted=False)
-            prior = torch.gather(priors, 1, torch.div(j, k, rounding_mode="floor"))
-            flat = prior * k + j % k
-        else:
-            top_s, flat = level.reshape(b, -1).topk(kk, dim=1, sorted=False)
+        best_of_prior = level.amax(dim=2)  # (B, n)
+        m = min(topk_candidates, n)
+        if raw_thresh is not None:
+            m = min(m, int((best_of_prior > raw_thresh).sum(dim=1).max()))
+        _, priors = best_of_prior.topk(m, dim=1, sorted=False)  # (B, m)
+        pairs = torch.gather(level, 1, priors[..., None].expand(-1, -1, k)).reshape(b, -1)  # (B, m*K)
+        top_s, j = pairs.topk(min(topk_candidates, m * k), dim=1, sorted=False)
         out_s.append(top_s)
-        out_i.append(flat + start * k)
+        out_i.append((torch.gather(priors, 1, torch.div(j, k, rounding_mode="floor")) + start) * k + j % k)
         start += n
     top_scores, flat = torch.cat(out_s, dim=1), torch.cat(out_i, dim=1)
     if to_probability is not None:
@@ -142,8 +144,13 @@ def batched_postprocess(
     -> one Detections per image, best first.
     """
     b, _, k = scores.shape
+    raw_thresh = None  # the threshold in the units of `scores`, to shrink the top-k on CPU
+    if not scores.is_cuda and to_probability is None:
+        raw_thresh = score_thresh
+    elif not scores.is_cuda and to_probability is torch.sigmoid and 0 < score_thresh < 1:
+        raw_thresh = math.log(score_thresh / (1 - score_thresh))
     top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates,
-                                                to_probability)
+                                                to_probability, raw_thresh)
     best, order = torch.sort(top_scores, dim=1, descending=True, stable=True)  # (B, N) best first
     valid = best > score_thresh
     num_valid = valid.sum(dim=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
@@ -147,17 +149,22 @@ def test_select_topk_shapes_and_values():
         col += kk
 
 
+@pytest.mark.parametrize("shrink", [False, True])
 @pytest.mark.parametrize("logits", [False, True])
-def test_two_stage_selection_keeps_the_top_pairs_of_all(logits):
+def test_two_stage_selection_keeps_the_top_pairs_of_all(logits, shrink):
     """A level with more priors than candidates goes through the best-prior-first stage; its result must be
-    the top-k over all (prior, class) pairs, also when a prior holds several of the best pairs."""
+    the top-k over all (prior, class) pairs, also when a prior holds several of the best pairs, and also
+    when the priors taken shrink to those above the threshold (`raw_thresh`, the CPU path)."""
     b, k, num_per_level, topk, thresh = 3, 6, [200, 30, 3], 25, 0.6
     g = torch.Generator().manual_seed(7)
-    scores = torch.rand(b, sum(num_per_level), k, generator=g)
+    scores = torch.rand(b, sum(num_per_level), k, generator=g) * 0.7  # 60% of the priors above 0.6
     scores[0, 5] = 0.999  # one prior holding 6 of the best pairs of image 0
     scores[1] = scores[1].clamp(max=0.5)  # an image with nothing above the threshold
     raw, fn = (torch.logit(scores), torch.sigmoid) if logits else (scores, None)
-    top_scores, prior_idx, labels = select_topk(raw, num_per_level, thresh, topk, fn)
+    raw_thresh = (math.log(thresh / (1 - thresh)) if logits else thresh) if shrink else None
+    top_scores, prior_idx, labels = select_topk(raw, num_per_level, thresh, topk, fn, raw_thresh)
+    if shrink:  # fewer columns: only as many priors a level as some image has above the threshold
+        assert top_scores.shape[1] < sum(min(topk, n * k) for n in num_per_level)
     got = sorted((i, p, c) for i, p, c in zip(torch.arange(b)[:, None].expand_as(labels).reshape(-1).tolist(),
                                               prior_idx.reshape(-1).tolist(), labels.reshape(-1).tolist())
                  if scores[i, p, c] > thresh)
