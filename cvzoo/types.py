@@ -59,6 +59,15 @@ class Signature:
     dtype: torch.dtype = torch.float32
     outputs: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.in_channels != 3 and (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD):
+            # the default statistics, averaged over RGB, one value per channel (as timm does for in_chans=1)
+            object.__setattr__(self, "mean", (sum(IMAGENET_MEAN) / 3,) * self.in_channels)
+            object.__setattr__(self, "std", (sum(IMAGENET_STD) / 3,) * self.in_channels)
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError(f"mean and std need one value per input channel ({self.in_channels}), got mean "
+                             f"{self.mean} and std {self.std}")
+
     def replace(self, **changes) -> Signature:
         return dataclasses.replace(self, **changes)
 

@@ -23,8 +23,10 @@ from cvzoo.backbones import (
     resnet50,
     resnet_micro,
 )
-from cvzoo.classification import ImageClassifier, MultiTaskModel
+from cvzoo.classification import ImageClassifier, ImageRegressor, MultiTaskModel
+from cvzoo.classification.baselines import NoopClassifier, NoopMultiTask, NoopRegressor
 from cvzoo.detection import ATSS, FCOS, CenterNet, RetinaNet
+from cvzoo.detection.baselines import NoopDetector
 from cvzoo.heads import (
     ATSSHead,
     CenterNetHead,
@@ -37,7 +39,7 @@ from cvzoo.heads import (
 )
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
-TASKS = ("backbone", "features", "classification", "multitask", "detection")
+TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection")
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,34 @@ def resnet50_classifier(num_classes: int = 1000, pretrained: bool = False, **kwa
 def convnext_atto_classifier(num_classes: int = 1000, pretrained: bool = False, **kwargs) -> ImageClassifier:
     """ConvNeXt-Atto image classifier (timm's ImageNet trunk weights with pretrained=True)."""
     return _classifier(convnext_atto(pretrained=pretrained, out_indices=(3,)), num_classes, **kwargs)
+
+
+def resnet_micro_regressor(num_outputs: int = 1, value_range: tuple[float, float] | None = (0.0, 1.0),
+                           pretrained: bool = False) -> ImageRegressor:
+    """ResNet-micro image regressor: per-image values (a price), bounded to value_range."""
+    backbone = resnet_micro(pretrained=pretrained, out_indices=(3,))
+    return ImageRegressor(backbone, RegressionHead(backbone.feature_info[-1].channels, num_outputs,
+                                                   value_range=value_range))
+
+
+def noop_classifier(num_classes: int = 10, in_channels: int = 3) -> NoopClassifier:
+    """Baseline that ignores the image: predicts the learnt class prior."""
+    return NoopClassifier(num_classes, in_channels)
+
+
+def noop_regressor(num_outputs: int = 1, in_channels: int = 3) -> NoopRegressor:
+    """Baseline that ignores the image: predicts the learnt mean value."""
+    return NoopRegressor(num_outputs, in_channels)
+
+
+def noop_multitask(num_classes: int = 4, num_keypoints: int = 4, in_channels: int = 3) -> NoopMultiTask:
+    """Baseline that ignores the image: class prior, mean value and mean keypoints."""
+    return NoopMultiTask(num_classes, num_keypoints, in_channels)
+
+
+def noop_detector(num_classes: int = 4, in_channels: int = 3) -> NoopDetector:
+    """Baseline that ignores the image: one mean box per class, scored by how often the class appears."""
+    return NoopDetector(num_classes, in_channels)
 
 
 def _multitask(backbone: nn.Module, num_classes: int, num_keypoints: int, value_range: tuple[float, float],
@@ -286,11 +316,15 @@ def _entries() -> list[ZooEntry]:
         *(ZooEntry(f.__name__, f, "classification") for f in (
             resnet_micro_classifier, convnext_micro_classifier, resnet18_classifier, resnet50_classifier,
             convnext_atto_classifier)),
+        ZooEntry("noop_classifier", noop_classifier, "classification"),
+        ZooEntry("resnet_micro_regressor", resnet_micro_regressor, "regression"),
+        ZooEntry("noop_regressor", noop_regressor, "regression"),
         ZooEntry("resnet_micro_multitask", resnet_micro_multitask, "multitask"),
+        ZooEntry("noop_multitask", noop_multitask, "multitask"),
         ZooEntry("resnet18_multitask", resnet18_multitask, "multitask"),
         *(ZooEntry(f.__name__, f, "detection") for f in (
             retinanet_micro, retinanet_resnet18_fpn, retinanet_resnet50_fpn, fcos_micro, fcos_resnet18_fpn,
-            fcos_resnet50_fpn, atss_micro, atss_resnet18_fpn, centernet_micro, centernet_resnet18)),
+            fcos_resnet50_fpn, atss_micro, atss_resnet18_fpn, centernet_micro, centernet_resnet18, noop_detector)),
     ]
 
 

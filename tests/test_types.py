@@ -72,6 +72,14 @@ def test_validate_defaults_accept_any_size():
         Signature(in_channels=1).validate(torch.rand(1, 3, 4, 4))
 
 
+def test_mean_and_std_have_one_value_per_channel():
+    grey = Signature(in_channels=1)  # the ImageNet default averaged over RGB
+    assert grey.mean == pytest.approx((0.449,), abs=1e-3) and grey.std == pytest.approx((0.226,), abs=1e-3)
+    assert grey.normalize(torch.rand(2, 1, 4, 4)).shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="one value per input channel"):
+        Signature(in_channels=1, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+
+
 def test_validate_skips_data_checks_only_while_compiling():
     torch._dynamo.reset()
     x = torch.rand(2, 3, 64, 64)
