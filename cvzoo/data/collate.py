@@ -1,0 +1,35 @@
+"""Batching samples for a DataLoader: detection targets stay a list of dicts, images stack when they can."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import default_collate
+
+
+def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]
+                      ) -> tuple[Tensor | list[Tensor], list[dict[str, Tensor]]]:
+    """[(image (C, H, W), target dict)] -> (images, targets).
+
+    `images` is one (B, C, H, W) tensor when every image has the same shape, else the list of images
+    (pad or resize them in the model's transform); `targets` is the list of target dicts, the
+    torchvision-style format detectors take.
+    """
+    if len(batch) == 0:
+        raise ValueError("batch must hold at least one (image, target) sample, got an empty batch")
+    images, targets = [], []
+    for i, sample in enumerate(batch):
+        if not (isinstance(sample, Sequence) and len(sample) == 2 and isinstance(sample[0], Tensor)):
+            raise ValueError(f"batch[{i}] must be an (image tensor, target dict) pair, got {type(sample).__name__}")
+        images.append(sample[0])
+        targets.append(sample[1])
+    if all(im.shape == images[0].shape for im in images):
+        return torch.stack(images), targets
+    return images, targets
+
+
+def classification_collate(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """[(image (C, H, W), label 0-d)] -> (images (B, C, H, W), labels (B,)): torch's default collate."""
+    return default_collate(batch)
