@@ -1,0 +1,32 @@
+"""Augmentation on kornia: presets for classification and detection, box/mask/keypoint-aware geometry, and
+cut/mix methods. Images are float (B, C, H, W) in [0, 1]; detection targets are torchvision-style dicts with
+`boxes` absolute xyxy (continuous pixel coordinates) and keypoints in pixel-index coordinates.
+
+Importing this package does not import kornia; the constructors that need it do.
+"""
+
+from cvzoo.augment.detection import DetectionMixUp, Mosaic, mosaic
+from cvzoo.augment.geometry import DetectionTransform
+from cvzoo.augment.mix import CutMix, Cutout, MixUp
+from cvzoo.augment.presets import (
+    PRESETS,
+    ClassificationAugment,
+    DetectionAugment,
+    classification_transforms,
+    detection_transforms,
+)
+
+__all__ = [
+    "PRESETS",
+    "ClassificationAugment",
+    "CutMix",
+    "Cutout",
+    "DetectionAugment",
+    "DetectionMixUp",
+    "DetectionTransform",
+    "MixUp",
+    "Mosaic",
+    "classification_transforms",
+    "detection_transforms",
+    "mosaic",
+]
