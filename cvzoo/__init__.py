@@ -12,7 +12,8 @@ from cvzoo.types import FeatureInfo, Signature
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("layers", "backbones", "necks", "heads", "classification", "detection", "profiling", "zoo", "cli")
+_SUBPACKAGES = ("layers", "backbones", "necks", "heads", "classification", "detection", "data", "augment", "train",
+                "visualize", "experiment", "profiling", "zoo", "cli")
 
 __all__ = ["FeatureInfo", "Signature", "__version__", *_SUBPACKAGES]
 

@@ -1,4 +1,11 @@
-"""The `cvzoo` command: `cvzoo list` prints the zoo table, `cvzoo info NAME` builds one entry and shows it."""
+"""The `cvzoo` command.
+
+    cvzoo train [-m MODEL] [-d DATASET] [...]   train (bare: the small detector on Shapes, on CPU, in minutes)
+    cvzoo eval [--run DIR] [--split val]          evaluate a finished run
+    cvzoo predict IMAGE... [--run DIR]           draw a run's predictions on image files
+    cvzoo list [--task T] [--datasets]           the zoo's models (and datasets) with their tasks
+    cvzoo info NAME                              build one zoo entry and show what it returns
+"""
 
 from __future__ import annotations
 
@@ -13,12 +20,120 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table())
         return 0
-    names = list_models(args.task)
-    width = max(len(n) for n in names)
-    for name in names:
-        e = MODELS[name]
-        needs = f"cvzoo[{e.extra}]" if e.extra else "core"
-        print(f"{name:<{width}}  {e.task:<14}  {needs:<11}  {e.description}")
+    if not args.datasets:
+        names = list_models(args.task)
+        width = max(len(n) for n in names)
+        for name in names:
+            e = MODELS[name]
+            needs = f"cvzoo[{e.extra}]" if e.extra else "core"
+            print(f"{name:<{width}}  {e.task:<14}  {needs:<11}  {e.description}")
+    if args.datasets or args.task is None:
+        from cvzoo.data.registry import DATASETS, list_datasets
+
+        if not args.datasets:
+            print("\ndatasets (cvzoo train -d NAME):")
+        names = list_datasets(args.task) if args.task in _DATA_TASKS else list(DATASETS)
+        width = max((len(n) for n in names), default=0)
+        for name in names:
+            e = DATASETS[name]
+            where = "needs --data-root" if e.needs_root else "embedded"
+            needs = f"cvzoo[{e.extra}]" if e.extra else "core"
+            print(f"{name:<{width}}  {e.task:<14}  {needs:<11}  {where:<17}  {e.description}")
+    return 0
+
+
+_DATA_TASKS = ("detection", "classification", "regression", "multitask", "segmentation")
+
+
+def _settings(args: argparse.Namespace):
+    from cvzoo.experiment import TrainSettings
+
+    return TrainSettings(
+        model=args.model, dataset=args.dataset, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, device=args.device, amp=None if args.amp == "none" else args.amp, compile=args.compile,
+        channels_last=args.channels_last, ema_decay=args.ema, grad_accum=args.grad_accum, augment=args.augment,
+        num_workers=args.workers, data_root=args.data_root, train_images=args.train_images,
+        val_images=args.val_images, out=args.out,
+        resume=args.resume, seed=args.seed, progress=not args.no_progress, eval_every=args.eval_every,
+    )
+
+
+def _print_metrics(metrics: dict) -> None:
+    main = {k: v for k, v in metrics.items() if "/" not in k}
+    print("  " + "  ".join(f"{k} {v:.4f}" for k, v in main.items()))
+    per_class = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("AP/")}
+    if per_class:
+        print("  AP per class: " + "  ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cvzoo.experiment import train
+
+    settings = _settings(args)
+    print(f"cvzoo train: {settings.model} on {settings.dataset}")
+    result = train(settings)
+    run_dir = result["run_dir"]
+    print(f"done: {result['steps']} steps in {result['seconds']:.0f} s; validation metrics:")
+    _print_metrics(result["metrics"])
+    print(f"run directory: {run_dir}")
+    for name in ("model.safetensors", "checkpoints/last.pt", "metrics.csv", "curves.png", "predictions.png"):
+        if (run_dir / name).exists():
+            print(f"  {run_dir / name}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from cvzoo.experiment import (
+        TrainSettings,
+        build_dataset,
+        collate_for,
+        evaluate_task,
+        held_out_split,
+        latest_run,
+        load_run,
+    )
+
+    run_dir = args.run or latest_run()
+    model, run = load_run(run_dir)
+    dataset_name = args.dataset or run["dataset"]
+    split = args.split or held_out_split(dataset_name)
+    settings = TrainSettings(val_images=args.images, train_images=args.images) if args.images else None
+    dataset = build_dataset(dataset_name, split, settings, model.signature.in_channels)
+    loader = DataLoader(dataset, batch_size=32, collate_fn=collate_for(run["task"]))
+    print(f"cvzoo eval: {run['model']} from {run_dir} on {dataset_name} ({split}, {len(dataset)} images)")
+    _print_metrics(evaluate_task(model, loader, run["task"], run["classes"], per_class=True))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cvzoo.experiment import latest_run, load_run, read_image
+    from cvzoo.visualize import draw_detections, save_image_png
+
+    run_dir = args.run or latest_run()
+    model, run = load_run(run_dir)
+    out_dir = Path(args.out)
+    for path in args.images:
+        image = read_image(path)
+        if run["task"] == "detection":
+            det = model.predict([model.signature.normalize(image[None])[0]])[0]
+            drawn = draw_detections(image, det.boxes, det.labels, det.scores, classes=run["classes"],
+                                    score_thresh=args.score_thresh)
+            kept = int((det.scores > args.score_thresh).sum())
+            summary = f"{kept} detections above {args.score_thresh}"
+        elif run["task"] == "classification":
+            pred = model.predict(model.signature.normalize(image[None]))
+            label = run["classes"][int(pred.labels[0])] if run["classes"] else str(int(pred.labels[0]))
+            drawn, summary = (image * 255).byte(), f"{label} ({float(pred.scores[0]):.3f})"
+        else:
+            raise ValueError(f"cvzoo predict draws detection and classification runs; {run_dir} is a "
+                             f"{run['task']} run")
+        target = out_dir / f"{Path(path).stem}_pred.png"
+        save_image_png(drawn, target)
+        print(f"{path}: {summary} -> {target}")
     return 0
 
 
@@ -58,7 +173,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="only entries of this task (backbone, features, classification, "
                                                 "multitask)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--datasets", action="store_true", help="list the datasets only")
     p.set_defaults(func=_cmd_list)
+    from cvzoo.experiment import DEFAULT_DATASET, DEFAULT_MODEL
+
+    p = sub.add_parser("train", help="train a zoo model on a dataset (bare: the small detector on Shapes)")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"zoo model name (default {DEFAULT_MODEL})")
+    p.add_argument("-d", "--dataset", default=DEFAULT_DATASET, help=f"dataset name (default {DEFAULT_DATASET})")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 unless --epochs)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (training stops at steps or epochs)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--augment", default="flip", choices=("none", "flip", "light", "medium", "heavy"),
+                   help="flip: horizontal flips; light/medium/heavy: kornia presets (cvzoo[augment])")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--data-root", default=None, help="where a file-based dataset (voc, coco, ...) lives")
+    p.add_argument("--train-images", type=int, default=None, help="Shapes: number of training images")
+    p.add_argument("--val-images", type=int, default=None, help="Shapes: number of held-out images")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: each epoch)")
+    p.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-TIME)")
+    p.add_argument("--resume", default=None, help="'auto' (the run directory's last checkpoint) or a path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="evaluate a finished run on a dataset split")
+    p.add_argument("--run", default=None, help="run directory (default: the latest under runs/)")
+    p.add_argument("-d", "--dataset", default=None, help="dataset (default: the one it was trained on)")
+    p.add_argument("--split", default=None, help="default: the held-out split (val, or test where none)")
+    p.add_argument("--images", type=int, default=None, help="Shapes: number of images of the split")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("predict", help="draw a run's predictions on image files (PNG next to --out)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--run", default=None, help="run directory (default: the latest under runs/)")
+    p.add_argument("--out", default="predictions")
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.set_defaults(func=_cmd_predict)
     p = sub.add_parser("info", help="build a zoo entry, run one image through it and print what it returns")
     p.add_argument("name")
     p.add_argument("--size", nargs=2, type=int, default=(320, 320), metavar=("H", "W"))
@@ -70,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, ImportError) as err:
+    except (ValueError, ImportError, FileNotFoundError) as err:
         print(f"cvzoo: error: {err}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ README = (REPO / "README.md").read_text()
 def test_readme_opens_with_exactly_two_setup_commands():
     first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
     assert len(first_block) == 2
-    assert "cvzoo info" in first_block[0] and "pytest" in first_block[1]
+    assert first_block[0].endswith("cvzoo train") and "pytest" in first_block[1]
     assert README.index("```bash") < README.index("## ")
 
 

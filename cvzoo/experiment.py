@@ -1,0 +1,427 @@
+"""An experiment: a zoo model trained on a registered dataset, with the artefacts a run leaves behind.
+
+This is what `cvzoo train / eval / predict` run. It composes the parts (zoo, data, augment, train) and
+owns the experiment-level decisions: which models fit which datasets, the per-task evaluation, the
+tracker, and the run directory:
+
+    runs/<name>/
+        run.json            what was trained on what, with which settings (read back by eval/predict)
+        checkpoints/        trainer checkpoints (last.pt, previous.pt), resumable with --resume
+        model.safetensors   the final weights (the EMA weights when EMA is on)
+        metrics.csv/.jsonl  every logged record; metrics.json the final evaluation
+        curves.png          losses, learning rate and validation metrics against the step
+        predictions.png     the model's predictions on validation images
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# model task (zoo) for each dataset task (data registry): the pairs that train together
+TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask")
+DEFAULT_MODEL = "fcos_micro"
+DEFAULT_DATASET = "shapes"
+HELD_OUT_SPLIT = {"digits": "test", "cifar10": "test"}  # the split validated on, where there is no "val"
+
+
+def held_out_split(dataset_name: str) -> str:
+    return HELD_OUT_SPLIT.get(dataset_name, "val")
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """The settings of `cvzoo train` (defaults: the main job, the small detector on Shapes on CPU)."""
+
+    model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
+    steps: int | None = None  # default: 1,000, unless epochs is given
+    epochs: int | None = None
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    clip_grad_norm: float | None = 10.0
+    augment: str = "flip"  # "none", "flip" (horizontal flips, no extra needed), or a kornia preset
+    device: str = "auto"
+    amp: str | None = None
+    compile: bool = False
+    channels_last: bool = False
+    ema_decay: float | None = None
+    grad_accum: int = 1
+    num_workers: int = 0
+    data_root: str | None = None
+    train_images: int | None = None  # Shapes: number of generated training images
+    val_images: int | None = None  # Shapes: number of held-out images evaluated on
+    out: str | None = None
+    resume: str | None = None
+    seed: int = 0
+    progress: bool = True
+    eval_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("steps", "epochs", "train_images", "val_images", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
+
+
+# ---- which models fit which datasets -----------------------------------------------------------------
+
+def models_for_task(task: str) -> list[str]:
+    from cvzoo.zoo import list_models
+
+    return list_models(task) if task in TRAINABLE_TASKS else []
+
+
+def datasets_for_task(task: str) -> list[str]:
+    from cvzoo.data.registry import list_datasets
+
+    return list_datasets(task) if task in TRAINABLE_TASKS else []
+
+
+def check_pair(model_name: str, dataset_name: str) -> tuple[str, str]:
+    """(model task, dataset task) when the pair trains together; otherwise a ValueError listing what fits."""
+    from cvzoo.data.registry import DATASETS
+    from cvzoo.zoo import get_entry
+
+    model_task = get_entry(model_name).task
+    if dataset_name not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset_name!r}; known datasets: {', '.join(DATASETS)}")
+    data_task = DATASETS[dataset_name].task
+    if model_task != data_task:
+        fits = models_for_task(data_task)
+        fit_data = datasets_for_task(model_task)
+        raise ValueError(
+            f"model {model_name!r} ({model_task}) does not train on dataset {dataset_name!r} ({data_task}). "
+            f"Models for {dataset_name!r}: {', '.join(fits) or 'none'}. "
+            f"Datasets for {model_name!r}: {', '.join(fit_data) or f'none ({model_task} models are parts, not tasks)'}."
+        )
+    return model_task, data_task
+
+
+def model_kwargs(model_name: str, info: Any) -> dict[str, Any]:
+    """Builder arguments that fit a model to a dataset (its number of classes, outputs, channels)."""
+    from cvzoo.zoo import get_entry
+
+    entry = get_entry(model_name)
+    import inspect
+
+    params = inspect.signature(entry.builder).parameters
+    kwargs: dict[str, Any] = {}
+    if "num_classes" in params and info.classes:
+        kwargs["num_classes"] = len(info.classes)
+    if "num_outputs" in params:
+        kwargs["num_outputs"] = 1
+    if "num_keypoints" in params:
+        kwargs["num_keypoints"] = 4
+    if "in_channels" in params:
+        kwargs["in_channels"] = info.in_channels
+    return kwargs
+
+
+def build_dataset(name: str, split: str, settings: TrainSettings | None = None, in_channels: int | None = None):
+    """A registered dataset for `split`, with the settings that apply to it (root, size, channels)."""
+    import inspect
+
+    from cvzoo.data.registry import DATASETS, create_dataset
+
+    entry = DATASETS[name]
+    params = inspect.signature(entry.builder).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs: dict[str, Any] = {}
+    if settings is not None and settings.data_root is not None:
+        kwargs["root"] = settings.data_root
+    if entry.needs_root and "root" not in kwargs:
+        raise ValueError(f"dataset {name!r} reads files from disk: pass its location with --data-root")
+    if settings is not None and name.startswith("shapes"):
+        count = settings.train_images if split == "train" else settings.val_images
+        if count is not None:
+            kwargs["num_images"] = count
+    if in_channels is not None and ("channels" in params or takes_any) and name == "digits":
+        kwargs["channels"] = in_channels
+    return create_dataset(name, split=split, **kwargs)
+
+
+# ---- batches, augmentation, evaluation ---------------------------------------------------------------
+
+def collate_for(task: str) -> Callable[[list], Any]:
+    from torch.utils.data import default_collate
+
+    from cvzoo.data.collate import detection_collate
+
+    if task != "detection":
+        return default_collate
+
+    def collate(batch: list) -> tuple[Any, list[dict[str, Tensor]]]:
+        images, targets = detection_collate(batch)
+        # the detectors read boxes and labels; masks and keypoints would only be copied to the device
+        return images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+
+    return collate
+
+
+def _flip_detection(images: Tensor, targets: list[dict[str, Tensor]], flip: Tensor) -> list[dict[str, Tensor]]:
+    w = images.shape[-1]
+    out = []
+    for t, f in zip(targets, flip.tolist()):  # per image: the targets are a list of variable-size dicts
+        boxes = t["boxes"]
+        if f:
+            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        out.append({**t, "boxes": boxes})
+    return out
+
+
+def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: tuple[int, int] | None,
+                         seed: int = 0) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """(images in [0, 1], targets) on the device -> (augmented, normalised images, targets), for training."""
+    normalize = model.signature.normalize
+    if augment not in ("none", "flip", "light", "medium", "heavy"):
+        raise ValueError(f"augment must be 'none', 'flip', 'light', 'medium' or 'heavy', got {augment!r}")
+    kornia_aug = None
+    if augment in ("light", "medium", "heavy"):
+        from cvzoo import augment as aug
+
+        if image_size is None:
+            raise ValueError(f"augment={augment!r} needs a dataset with a fixed image size")
+        if task == "detection":
+            kornia_aug = aug.DetectionAugment(preset=augment, size=image_size)
+        elif task == "classification":
+            kornia_aug = aug.ClassificationAugment(preset=augment, size=image_size)
+        else:
+            raise ValueError(f"augment={augment!r} has no preset for {task} targets; use 'none' or 'flip'")
+    generator = torch.Generator().manual_seed(seed)
+
+    def transform(images: Any, targets: Any) -> tuple[Any, Any]:
+        if kornia_aug is not None:
+            kornia_aug.to(images.device)
+            images, targets = kornia_aug(images, targets)
+        elif augment == "flip" and task in ("detection", "classification") and isinstance(images, Tensor):
+            flip = torch.rand(images.shape[0], generator=generator) < 0.5
+            images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+            if task == "detection":
+                targets = _flip_detection(images, targets, flip)
+        if isinstance(images, Tensor):
+            return normalize(images), targets
+        return [normalize(im[None])[0] for im in images], targets
+
+    return transform
+
+
+def normalized(loader: Iterable, model: nn.Module, device: torch.device) -> Iterable:
+    """`loader`'s batches with images moved to `device` and normalised for `model` (for evaluation)."""
+    normalize = model.signature.normalize
+
+    class _Normalized:
+        def __iter__(self):
+            for images, targets in loader:
+                if isinstance(images, Tensor):
+                    yield normalize(images.to(device)), targets
+                else:
+                    yield [normalize(im.to(device)[None])[0] for im in images], targets
+
+        def __len__(self) -> int:
+            return len(loader)
+
+    return _Normalized()
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequence[str] = (),
+                  per_class: bool = False) -> dict[str, float]:
+    """Validation metrics of `model` on (images in [0, 1], targets) batches:
+
+    detection: COCO mAP, mAP50, mAP75, mAR100 (torchmetrics), with `per_class` also "AP/<class>" (COCO AP,
+    -1 for a class without ground truth); classification: top-1 accuracy;
+    regression: mean absolute and root-mean-square error; multitask: label accuracy, value MAE, keypoint MAE.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        batches = normalized(loader, model, device)
+        if task == "detection":
+            from cvzoo.detection.evaluate import evaluate
+
+            r = evaluate(model, batches, device=device, class_names=list(classes) or None)
+            out = {"mAP": r["map"], "mAP50": r["map_50"], "mAP75": r["map_75"], "mAR100": r["mar_100"]}
+            if per_class:
+                out.update({f"AP/{name}": ap for name, ap in r["per_class"].items()})
+            return out
+        correct = total = 0
+        abs_err = sq_err = kp_err = 0.0
+        n_values = n_kp = 0
+        for images, targets in batches:
+            pred = model.predict(images)
+            if task == "classification":
+                correct += int((pred.labels.cpu() == targets.cpu()).sum())
+                total += len(targets)
+            elif task == "regression":
+                err = pred.float().cpu() - targets.float().reshape(pred.shape)
+                abs_err += float(err.abs().sum())
+                sq_err += float(err.square().sum())
+                n_values += err.numel()
+            else:
+                correct += int((pred["label"].labels.cpu() == targets["label"]).sum())
+                total += len(targets["label"])
+                err = pred["value"].float().cpu() - targets["value"].float().reshape(pred["value"].shape)
+                abs_err += float(err.abs().sum())
+                n_values += err.numel()
+                kp = pred["keypoints"].float().cpu() - targets["keypoints"].float()
+                kp_err += float(kp.abs().sum())
+                n_kp += kp.numel()
+        if task == "classification":
+            return {"accuracy": correct / max(total, 1)}
+        if task == "regression":
+            return {"MAE": abs_err / max(n_values, 1), "RMSE": math.sqrt(sq_err / max(n_values, 1))}
+        return {"accuracy": correct / max(total, 1), "value_MAE": abs_err / max(n_values, 1),
+                "keypoint_MAE": kp_err / max(n_kp, 1)}
+    finally:
+        model.train(was_training)
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+def default_run_dir(model_name: str, dataset_name: str) -> Path:
+    return Path("runs") / f"{model_name}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Trains `settings.model` on `settings.dataset`; returns {"metrics", "run_dir", "seconds"} and writes
+    the run directory described in this module's docstring."""
+    from torch.utils.data import DataLoader
+
+    from cvzoo.train import Trainer
+    from cvzoo.train.checkpoint import export_safetensors
+    from cvzoo.train.plots import plot_curves
+    from cvzoo.train.tracking import create_tracker
+    from cvzoo.zoo import create_model
+
+    task, _ = check_pair(settings.model, settings.dataset)
+    torch.manual_seed(settings.seed)
+    probe = build_dataset(settings.dataset, "train", settings)
+    kwargs = model_kwargs(settings.model, probe.info)
+    model = create_model(settings.model, **kwargs)
+    in_channels = model.signature.in_channels
+    train_set = build_dataset(settings.dataset, "train", settings, in_channels)
+    val_set = build_dataset(settings.dataset, held_out_split(settings.dataset), settings, in_channels)
+    info = train_set.info
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run's files
+    run_dir = Path(settings.out) if settings.out else default_run_dir(settings.model, settings.dataset)
+    if settings.out is None and "RANK" in os.environ:
+        raise ValueError("under torchrun pass --out: each process would otherwise pick its own time-stamped "
+                         "run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = {"model": settings.model, "model_kwargs": kwargs, "dataset": settings.dataset, "task": task,
+           "classes": list(info.classes), "settings": dataclasses.asdict(settings)}
+    if main_process:
+        (run_dir / "run.json").write_text(json.dumps(run, indent=2))
+    steps = settings.steps
+    if steps is None and settings.epochs is None:
+        steps = 1000
+    collate = collate_for(task)
+    train_loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate, num_workers=settings.num_workers)
+    val_loader = DataLoader(val_set, batch_size=32, shuffle=False, collate_fn=collate,
+                            num_workers=settings.num_workers)
+    tracker = create_tracker(run_dir, config=run, resume=settings.resume is not None) if main_process else None
+    trainer = Trainer(
+        model, lr=settings.lr, weight_decay=settings.weight_decay, max_steps=steps, max_epochs=settings.epochs,
+        grad_accum=settings.grad_accum, clip_grad_norm=settings.clip_grad_norm, amp=settings.amp,
+        compile=settings.compile, channels_last=settings.channels_last, ema_decay=settings.ema_decay,
+        warmup_steps=min(settings.warmup_steps, (steps or 10**9) // 10), out_dir=run_dir / "checkpoints",
+        tracker=tracker, device=settings.device,
+        batch_transform=make_batch_transform(model, task, settings.augment, info.image_size, settings.seed),
+        rebuild=lambda: create_model(settings.model, **kwargs), progress=settings.progress, seed=settings.seed,
+        eval_every=settings.eval_every,
+    )
+    started = time.perf_counter()
+    trainer.fit(train_loader, val_loader,
+                evaluate=lambda m, loader: evaluate_task(m, loader, task, info.classes),
+                resume=settings.resume)
+    seconds = time.perf_counter() - started
+    final_model = trainer.eval_model
+    if trainer.info.rank == 0:
+        metrics = evaluate_task(final_model, val_loader, task, info.classes, per_class=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"metrics": metrics, "seconds": seconds,
+                                                          "steps": trainer.step}, indent=2))
+        export_safetensors(final_model, run_dir / "model.safetensors")
+        try:
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png",
+                        title=f"{settings.model} on {settings.dataset}")
+        except (ImportError, ValueError) as err:
+            log(f"no curves plot: {err}")
+        if task == "detection":
+            save_prediction_picture(final_model, val_set, run_dir / "predictions.png", info.classes)
+    else:
+        metrics = {}
+    return {"metrics": metrics, "run_dir": run_dir, "seconds": seconds, "steps": trainer.step}
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a finished run (its final weights) and its run.json."""
+    from cvzoo.train.checkpoint import load_safetensors
+    from cvzoo.zoo import create_model
+
+    run_dir = Path(run_dir)
+    meta_path, weights = run_dir / "run.json", run_dir / "model.safetensors"
+    for p in (meta_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: {run_dir} is not a finished cvzoo run directory")
+    run = json.loads(meta_path.read_text())
+    model = create_model(run["model"], **run["model_kwargs"])
+    load_safetensors(model, weights)
+    return model.eval(), run
+
+
+def latest_run(root: str | Path = "runs") -> Path:
+    runs = sorted((p for p in Path(root).glob("*") if (p / "model.safetensors").is_file()),
+                  key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(f"no finished run under {root}/; train one with `cvzoo train` or pass --run")
+    return runs[-1]
+
+
+@torch.no_grad()
+def save_prediction_picture(model: nn.Module, dataset: Any, path: Path, classes: Sequence[str],
+                            num_images: int = 8, score_thresh: float = 0.3) -> Path:
+    """A grid of the first `num_images` images of `dataset` with the model's detections drawn."""
+    from cvzoo.visualize import draw_detections, make_grid_image, save_image_png
+
+    device = next(model.parameters()).device
+    images = [dataset[i][0] for i in range(min(num_images, len(dataset)))]
+    drawn = []
+    for image in images:
+        det = model.predict(model.signature.normalize(image[None].to(device)))[0]
+        zoom = max(1, 256 // max(image.shape[-2:]))  # small images drawn larger, so captions stay legible
+        big = image.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
+        drawn.append(draw_detections(big, det.boxes.cpu() * zoom, det.labels.cpu(), det.scores.cpu(),
+                                     classes=list(classes), score_thresh=score_thresh))
+    return save_image_png(make_grid_image(drawn, nrow=4), path)
+
+
+def read_image(path: str | Path) -> Tensor:
+    """An image file -> (3, H, W) float in [0, 1]."""
+    from cvzoo.data.adapters import read_rgb
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    return read_rgb(path)
