@@ -1,9 +1,10 @@
 """cvzoo's Trainer against a hand-written loop on the same model and data, in one process.
 
-Measures the marginal time of a training step (forward, loss, backward, clip, AdamW, schedule):
-each configuration trains from the same initial weights for `warmup` steps and for `warmup + steps`
-steps, and the difference divided by `steps` is its step time, so set-up (optimizer creation, the
-first-call compile) is left out. Repeated `--repeats` times; medians are printed with the ratios:
+Measures the time of a training step (forward, loss, backward, clip, AdamW, schedule): each
+configuration trains from the same initial weights for `warmup + steps` steps, the time from the start
+of one step to the start of the next is recorded (in the batch transform, which every step calls
+once), and the median over the last `steps` intervals is its step time, so set-up and the first-call
+compile are left out. Repeated `--repeats` times, interleaved; medians are printed with the ratios:
 
     overhead     Trainer (eager fp32) / hand-written loop (target: within 3%)
     compile      Trainer eager / Trainer with compile=True
@@ -20,11 +21,13 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import time
 
 import torch
 
+from cvzoo.detection.structures import TargetBatch
 from cvzoo.train import Trainer
 from cvzoo.zoo import create_model
 
@@ -56,8 +59,8 @@ def to_device(obj, device):
     return obj
 
 
-def hand_loop(model, batches, steps: int, lr: float, device: str) -> None:
-    """The loop a user would write: AdamW, linear warmup + cosine, clipping, `model.loss`."""
+def hand_loop(model, batches, steps: int, lr: float, device: str, stamps: list[float]) -> None:
+    """The loop a user would write: AdamW, cosine schedule, clipping, `model.loss`."""
     normalize = model.signature.normalize
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -67,34 +70,45 @@ def hand_loop(model, batches, steps: int, lr: float, device: str) -> None:
     model.train()
     for i in range(steps):
         images, targets = to_device(batches[i % len(batches)], device)
+        stamps.append(_now(device))
         loss = model.loss(normalize(images), targets)["loss"]
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         sched.step()
+    stamps.append(_now(device))
+
+
+def _now(device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
-def trainer_run(model, batches, steps: int, lr: float, device: str, **options) -> None:
+def trainer_run(model, batches, steps: int, lr: float, device: str, stamps: list[float], **options) -> None:
     normalize = model.signature.normalize
+
+    def transform(images, targets):
+        stamps.append(_now(device))
+        if options.get("compile") and isinstance(targets, list):  # validated outside the compiled loss
+            targets = TargetBatch.from_list(targets, len(targets), model.num_classes, images.device)
+        return normalize(images), targets
+
+    if options.get("compile"):
+        torch._dynamo.reset()  # a fresh model: compile it afresh rather than pile up recompilations
     trainer = Trainer(model, lr=lr, max_steps=steps, clip_grad_norm=10.0, schedule="cosine", device=device,
-                      batch_transform=lambda x, y: (normalize(x), y), progress=False, log_every=50,
-                      strategy="single", **options)
+                      batch_transform=transform, progress=False, log_every=50, strategy="single", **options)
     trainer.fit(batches)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    stamps.append(_now(device))
 
 
-def marginal_step(run, base, warmup: int, steps: int) -> float:
-    """Seconds per step: (time of warmup + steps) - (time of warmup), each from the same initial weights."""
-    t0 = time.perf_counter()
-    run(copy.deepcopy(base), warmup)
-    t1 = time.perf_counter()
-    run(copy.deepcopy(base), warmup + steps)
-    t2 = time.perf_counter()
-    return ((t2 - t1) - (t1 - t0)) / steps
+def step_time(run, base, warmup: int, steps: int) -> float:
+    """Median seconds from one step's start to the next over the last `steps` steps of a fresh run."""
+    stamps: list[float] = []
+    run(copy.deepcopy(base), warmup + steps, stamps)
+    intervals = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    return statistics.median(intervals[-steps:])
 
 
 def main() -> None:
@@ -116,22 +130,23 @@ def main() -> None:
     batches = make_batches(kind, 8, args.batch, args.size, 4)
     lr = 1e-3
     configs = {
-        "hand-written loop": lambda m, n: hand_loop(m, batches, n, lr, args.device),
-        "Trainer eager fp32": lambda m, n: trainer_run(m, batches, n, lr, args.device),
-        "Trainer bf16": lambda m, n: trainer_run(m, batches, n, lr, args.device, amp="bf16"),
+        "hand-written loop": lambda m, n, st: hand_loop(m, batches, n, lr, args.device, st),
+        "Trainer eager fp32": lambda m, n, st: trainer_run(m, batches, n, lr, args.device, st),
+        "Trainer bf16": lambda m, n, st: trainer_run(m, batches, n, lr, args.device, st, amp="bf16"),
     }
     if not args.skip_compile:
-        configs["Trainer compile"] = lambda m, n: trainer_run(m, batches, n, lr, args.device, compile=True)
-        configs["Trainer compile+bf16"] = lambda m, n: trainer_run(m, batches, n, lr, args.device, compile=True,
-                                                                   amp="bf16")
+        configs["Trainer compile"] = lambda m, n, st: trainer_run(m, batches, n, lr, args.device, st, compile=True)
+        configs["Trainer compile+bf16"] = lambda m, n, st: trainer_run(m, batches, n, lr, args.device, st,
+                                                                       compile=True, amp="bf16")
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit every configuration alike
         for name, run in configs.items():
-            times[name].append(marginal_step(run, base, args.warmup, args.steps))
+            times[name].append(step_time(run, base, args.warmup, args.steps))
     med = {k: statistics.median(v) for k, v in times.items()}
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     print(f"device: {device_name}, torch {torch.__version__}, model {args.model}, batch {args.batch}, "
-          f"{args.size} px, {args.steps} timed steps x {args.repeats} repeats")
+          f"{args.size} px, {args.steps} timed steps x {args.repeats} repeats, malloc env {malloc or 'default'}")
     for name, t in med.items():
         print(f"  {name:22s} {t * 1e3:9.2f} ms/step   (runs: {', '.join(f'{x * 1e3:.1f}' for x in times[name])})")
     ref = med["Trainer eager fp32"]
@@ -141,7 +156,8 @@ def main() -> None:
             print(f"speedup {name.removeprefix('Trainer '):13s}: {ref / med[name]:.2f}x over eager fp32")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name, "args": vars(args), "times": times, "medians": med}, f, indent=2)
+            json.dump({"device": device_name, "args": vars(args), "malloc_env": malloc, "times": times,
+                       "medians": med}, f, indent=2)
 
 
 if __name__ == "__main__":

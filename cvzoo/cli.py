@@ -27,7 +27,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             e = MODELS[name]
             needs = f"cvzoo[{e.extra}]" if e.extra else "core"
             print(f"{name:<{width}}  {e.task:<14}  {needs:<11}  {e.description}")
-    if args.datasets or args.task is None:
+    if args.datasets or args.task is None or args.task in _DATA_TASKS:
         from cvzoo.data.registry import DATASETS, list_datasets
 
         if not args.datasets:
@@ -73,6 +73,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"cvzoo train: {settings.model} on {settings.dataset}")
     result = train(settings)
     run_dir = result["run_dir"]
+    if result["interrupted"]:
+        return 0
     print(f"done: {result['steps']} steps in {result['seconds']:.0f} s; validation metrics:")
     _print_metrics(result["metrics"])
     print(f"run directory: {run_dir}")

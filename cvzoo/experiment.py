@@ -66,7 +66,7 @@ class TrainSettings:
     resume: str | None = None
     seed: int = 0
     progress: bool = True
-    eval_every: int | None = None
+    eval_every: int | None = None  # default: 5 evaluations over the run (with --steps), else each epoch
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum"):
@@ -178,6 +178,10 @@ def collate_for(task: str) -> Callable[[list], Any]:
     return collate
 
 
+def _device_of(images: Any) -> torch.device:
+    return images.device if isinstance(images, Tensor) else images[0].device
+
+
 def _flip_detection(images: Tensor, targets: list[dict[str, Tensor]], flip: Tensor) -> list[dict[str, Tensor]]:
     w = images.shape[-1]
     out = []
@@ -189,9 +193,13 @@ def _flip_detection(images: Tensor, targets: list[dict[str, Tensor]], flip: Tens
     return out
 
 
-def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: tuple[int, int] | None,
-                         seed: int = 0) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """(images in [0, 1], targets) on the device -> (augmented, normalised images, targets), for training."""
+def make_batch_transform(model: nn.Module, task: str, augment: str,
+                         image_size: tuple[int, int] | None) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """(images in [0, 1], targets) on the device -> (augmented, normalised images, targets), for training.
+
+    Random draws come from torch's global generator, which the trainer's checkpoints save and restore,
+    so a resumed run flips the same images as an uninterrupted one.
+    """
     normalize = model.signature.normalize
     if augment not in ("none", "flip", "light", "medium", "heavy"):
         raise ValueError(f"augment must be 'none', 'flip', 'light', 'medium' or 'heavy', got {augment!r}")
@@ -207,17 +215,20 @@ def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: 
             kornia_aug = aug.ClassificationAugment(preset=augment, size=image_size)
         else:
             raise ValueError(f"augment={augment!r} has no preset for {task} targets; use 'none' or 'flip'")
-    generator = torch.Generator().manual_seed(seed)
-
     def transform(images: Any, targets: Any) -> tuple[Any, Any]:
         if kornia_aug is not None:
             kornia_aug.to(images.device)
             images, targets = kornia_aug(images, targets)
         elif augment == "flip" and task in ("detection", "classification") and isinstance(images, Tensor):
-            flip = torch.rand(images.shape[0], generator=generator) < 0.5
+            flip = torch.rand(images.shape[0]) < 0.5
             images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
             if task == "detection":
                 targets = _flip_detection(images, targets, flip)
+        if task == "detection":
+            # one padded batch, validated here: the (compiled) loss then has no data-dependent checks
+            from cvzoo.detection.structures import TargetBatch
+
+            targets = TargetBatch.from_list(targets, len(targets), model.num_classes, _device_of(images))
         if isinstance(images, Tensor):
             return normalize(images), targets
         return [normalize(im[None])[0] for im in images], targets
@@ -348,15 +359,20 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
         compile=settings.compile, channels_last=settings.channels_last, ema_decay=settings.ema_decay,
         warmup_steps=min(settings.warmup_steps, (steps or 10**9) // 10), out_dir=run_dir / "checkpoints",
         tracker=tracker, device=settings.device,
-        batch_transform=make_batch_transform(model, task, settings.augment, info.image_size, settings.seed),
+        batch_transform=make_batch_transform(model, task, settings.augment, info.image_size),
         rebuild=lambda: create_model(settings.model, **kwargs), progress=settings.progress, seed=settings.seed,
-        eval_every=settings.eval_every,
+        eval_every=settings.eval_every or (max(1, steps // 5) if steps else None),  # else: at each epoch end
+        checkpoint_every=max(1, steps // 10) if steps else None,  # and at each epoch end, and on SIGTERM
     )
     started = time.perf_counter()
     trainer.fit(train_loader, val_loader,
                 evaluate=lambda m, loader: evaluate_task(m, loader, task, info.classes),
                 resume=settings.resume)
     seconds = time.perf_counter() - started
+    if trainer.interrupted:  # SIGTERM: the trainer saved a checkpoint after the step in progress
+        log(f"stopped by SIGTERM after step {trainer.step}; the checkpoint is in {run_dir / 'checkpoints'}; "
+            f"continue with: cvzoo train -m {settings.model} -d {settings.dataset} --out {run_dir} --resume auto")
+        return {"metrics": {}, "run_dir": run_dir, "seconds": seconds, "steps": trainer.step, "interrupted": True}
     final_model = trainer.eval_model
     if trainer.info.rank == 0:
         metrics = evaluate_task(final_model, val_loader, task, info.classes, per_class=True)
@@ -372,7 +388,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
             save_prediction_picture(final_model, val_set, run_dir / "predictions.png", info.classes)
     else:
         metrics = {}
-    return {"metrics": metrics, "run_dir": run_dir, "seconds": seconds, "steps": trainer.step}
+    return {"metrics": metrics, "run_dir": run_dir, "seconds": seconds, "steps": trainer.step, "interrupted": False}
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -80,16 +80,18 @@ def test_train_settings_reject_bad_values():
 
 def test_flip_augmentation_moves_boxes_with_the_image():
     model = create_model("noop_detector")
-    transform = make_batch_transform(model, "detection", "flip", (8, 10), seed=3)
+    transform = make_batch_transform(model, "detection", "flip", (8, 10))
+    torch.manual_seed(3)
     images = torch.rand(16, 3, 8, 10)
     targets = [{"boxes": torch.tensor([[1.0, 2.0, 4.0, 6.0]]), "labels": torch.tensor([1])} for _ in range(16)]
     out, new_targets = transform(images, targets)
     raw = out * torch.tensor(model.signature.std)[:, None, None] + torch.tensor(model.signature.mean)[:, None, None]
     flipped = [not torch.allclose(raw[i], images[i], atol=1e-5) for i in range(16)]
     assert 0 < sum(flipped) < 16
+    assert new_targets.boxes.shape == (16, 1, 4)  # one padded TargetBatch, validated outside the loss
     for i, f in enumerate(flipped):
         expected = torch.tensor([[10 - 4.0, 2.0, 10 - 1.0, 6.0]]) if f else targets[i]["boxes"]
-        assert torch.equal(new_targets[i]["boxes"], expected)
+        assert torch.equal(new_targets.boxes[i], expected)
         if f:
             torch.testing.assert_close(raw[i], images[i].flip(-1), atol=1e-5, rtol=0)
 

@@ -96,7 +96,7 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in (
                  needs_root=True),
     DatasetEntry("coco", _coco, "detection",
                  "COCO detection: images at root/<split><year>, root/annotations/instances_<split><year>.json",
-                 extra="metrics", needs_root=True),
+                 needs_root=True),
 )}
 
 

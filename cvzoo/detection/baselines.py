@@ -58,10 +58,16 @@ class NoopDetector(nn.Module):
         rel = torch.cat([torch.minimum(rel[:, :2], rel[:, 2:]), torch.maximum(rel[:, :2], rel[:, 2:])], dim=-1)
         return NoopDetectorOutput(self.presence.repeat(sizes.shape[0], 1), rel[None] * scale)
 
-    def loss(self, images: Tensor | Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    def loss(self, images: Tensor | Sequence[Tensor],
+             targets: Sequence[Mapping[str, Tensor]] | TargetBatch) -> dict[str, Tensor]:
         logits, boxes = self(images)
         b = logits.shape[0]
-        tb = TargetBatch.from_list(targets, b, self.num_classes, logits.device)
+        if isinstance(targets, TargetBatch):
+            if targets.boxes.shape[0] != b:
+                raise ValueError(f"targets hold {targets.boxes.shape[0]} images but there are {b} images")
+            tb = targets
+        else:
+            tb = TargetBatch.from_list(targets, b, self.num_classes, logits.device)
         onehot = F.one_hot(tb.labels.clamp(min=0), self.num_classes).float() * tb.valid[..., None]  # (B, M, K)
         present = onehot.amax(dim=1)  # (B, K)
         cls = F.binary_cross_entropy_with_logits(logits.float(), present)
