@@ -50,6 +50,19 @@ class CenterNet(DenseDetector):
         losses["loss"] = losses["heatmap"] + self.size_weight * losses["size"] + losses["offset"]
         return losses
 
+    def _cells(self, sizes, like: Tensor) -> Tensor:
+        """(HW, 2) x, y of each heatmap cell, in heatmap units."""
+        h, w = self._level_size(sizes)
+        cy, cx = torch.meshgrid(torch.arange(h, device=like.device, dtype=torch.float32),
+                                torch.arange(w, device=like.device, dtype=torch.float32), indexing="ij")
+        return torch.stack([cx, cy], dim=-1).reshape(-1, 2)
+
+    def decode_dense(self, out: CenterNetOutput, sizes) -> tuple[Tensor, Tensor]:
+        """Heatmap probabilities (no peak selection) and the box each cell predicts."""
+        ctr = self._cells(sizes, out.heatmap_logits) + out.offsets.float()
+        half = out.sizes.float().clamp(min=0) / 2
+        return torch.sigmoid(out.heatmap_logits.float()), torch.cat([ctr - half, ctr + half], dim=-1) * self.stride
+
     def postprocess(self, out: CenterNetOutput, sizes, image_sizes, score_thresh, nms_thresh, max_detections,
                     topk_candidates) -> list[Detections]:
         h, w = self._level_size(sizes)
@@ -57,10 +70,7 @@ class CenterNet(DenseDetector):
         heat = torch.sigmoid(out.heatmap_logits.float()).transpose(1, 2).reshape(b, k, h, w)
         peaks = heat * (F.max_pool2d(heat, 3, 1, 1) == heat)  # keep local maxima only
         scores = peaks.reshape(b, k, r).transpose(1, 2)  # (B, HW, K)
-        ys = torch.arange(h, device=heat.device, dtype=heat.dtype)
-        xs = torch.arange(w, device=heat.device, dtype=heat.dtype)
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        cells = torch.stack([cx, cy], dim=-1).reshape(-1, 2)  # (HW, 2)
+        cells = self._cells(sizes, heat)
 
         def decode(idx: Tensor) -> Tensor:
             ctr = cells[idx] + torch.gather(out.offsets.float(), 1, idx[..., None].expand(-1, -1, 2))

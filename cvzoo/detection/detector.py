@@ -122,7 +122,19 @@ class DenseDetector(nn.Module):
         return self.postprocess(self.head(feats), [tuple(f.shape[-2:]) for f in feats], sizes, score_thresh,
                                 nms_thresh, max_detections, topk_candidates)
 
+    def dense_predictions(self, images: ImagesArg) -> tuple[Tensor, Tensor]:
+        """Every prior's class scores and box, before selection and NMS, differentiable (for explanations,
+        e.g. the score of one detection as a Grad-CAM target): scores (B, R, K) in [0, 1] as `predict`
+        ranks them, boxes (B, R, 4) xyxy in input pixels (not clipped)."""
+        batch, _ = self.batch_images(images)
+        feats = self.features(batch)
+        return self.decode_dense(self.head(feats), [tuple(f.shape[-2:]) for f in feats])
+
     # ---- subclass hooks ------------------------------------------------------------------------
+
+    def decode_dense(self, out: tuple, sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """Raw head outputs -> (scores (B, R, K), boxes (B, R, 4)) for every prior (see dense_predictions)."""
+        raise NotImplementedError
 
     def compute_loss(self, out: tuple, sizes: list[tuple[int, int]], targets: TargetBatch,
                      image_sizes: Tensor) -> dict[str, Tensor]:

@@ -67,6 +67,11 @@ class FCOS(DenseDetector):
         losses["loss"] = losses["classification"] + losses["box_regression"] + losses["centerness"]
         return losses
 
+    def decode_dense(self, out: FCOSOutput, sizes) -> tuple[Tensor, Tensor]:
+        points, strides = self.priors(sizes, out.cls_logits)
+        scores = torch.sqrt(torch.sigmoid(out.cls_logits.float()) * torch.sigmoid(out.centerness.float()))
+        return scores, self.box_coder.decode(out.box_distances.float(), points, strides)
+
     def postprocess(self, out: FCOSOutput, sizes, image_sizes, score_thresh, nms_thresh, max_detections,
                     topk_candidates) -> list[Detections]:
         points, strides = self.priors(sizes, out.cls_logits)

@@ -88,6 +88,10 @@ class RetinaNet(DenseDetector):
         losses["loss"] = losses["classification"] + losses["box_regression"]
         return losses
 
+    def decode_dense(self, out: DenseOutput, sizes) -> tuple[Tensor, Tensor]:
+        anchors = self.priors(sizes, out.cls_logits)
+        return torch.sigmoid(out.cls_logits.float()), self.box_coder.decode(out.box_deltas.float(), anchors)
+
     def postprocess(self, out: DenseOutput, sizes, image_sizes, score_thresh, nms_thresh, max_detections,
                     topk_candidates) -> list[Detections]:
         anchors = self.priors(sizes, out.cls_logits)
@@ -137,6 +141,11 @@ class ATSS(RetinaNet):
         }
         losses["loss"] = losses["classification"] + 2.0 * losses["box_regression"] + losses["centerness"]
         return losses
+
+    def decode_dense(self, out: ATSSOutput, sizes) -> tuple[Tensor, Tensor]:
+        anchors = self.priors(sizes, out.cls_logits)
+        scores = torch.sqrt(torch.sigmoid(out.cls_logits.float()) * torch.sigmoid(out.centerness.float()))
+        return scores, self.box_coder.decode(out.box_deltas.float(), anchors)
 
     def postprocess(self, out: ATSSOutput, sizes, image_sizes, score_thresh, nms_thresh, max_detections,
                     topk_candidates) -> list[Detections]:

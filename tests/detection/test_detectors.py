@@ -481,3 +481,24 @@ def test_fcos_micro_overfits_four_synthetic_images():
             if history[-1][1] >= 0.9:
                 break
     assert history[-1][1] >= 0.9, f"mAP50 by step: {history} ({time.perf_counter() - start:.0f} s)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dense_predictions_hold_every_detection(name):
+    """`dense_predictions` (differentiable, every prior) contains each detection `predict` returns: same box
+    (clipped to the image) with the same score for the same class."""
+    model = _model(name).eval()
+    images = _images()
+    scores, boxes = model.dense_predictions(images)
+    assert scores.shape[:2] == boxes.shape[:2] and boxes.shape[-1] == 4 and scores.shape[-1] == model.num_classes
+    for i, det in enumerate(model.predict(images, score_thresh=0.0)):
+        h, w = images[i].shape[-2:] if isinstance(images, list) else images.shape[-2:]
+        clipped = torch.stack([boxes[i, :, 0].clamp(0, w), boxes[i, :, 1].clamp(0, h),
+                               boxes[i, :, 2].clamp(0, w), boxes[i, :, 3].clamp(0, h)], dim=-1)
+        for box, score, label in zip(det.boxes[:5], det.scores[:5], det.labels[:5]):
+            same = (scores[i, :, label] - score).abs() < 1e-6
+            assert same.any()
+            assert (clipped[same] - box).abs().amax(-1).min() < 1e-4
+    assert scores.requires_grad and boxes.requires_grad
+    scores.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
