@@ -13,7 +13,7 @@ from cvzoo.types import FeatureInfo, Signature
 __version__ = "0.1.0"
 
 _SUBPACKAGES = ("layers", "backbones", "necks", "heads", "classification", "detection", "data", "augment", "train",
-                "visualize", "experiment", "profiling", "zoo", "cli")
+                "explain", "visualize", "experiment", "profiling", "zoo", "cli")
 
 __all__ = ["FeatureInfo", "Signature", "__version__", *_SUBPACKAGES]
 

@@ -3,6 +3,7 @@
     cvzoo train [-m MODEL] [-d DATASET] [...]   train (bare: the small detector on Shapes, on CPU, in minutes)
     cvzoo eval [--run DIR] [--split val]          evaluate a finished run
     cvzoo predict IMAGE... [--run DIR]           draw a run's predictions on image files
+    cvzoo explain IMAGE... [--run DIR | -m MODEL --checkpoint PATH]   Grad-CAM overlays (PNG)
     cvzoo list [--task T] [--datasets]           the zoo's models (and datasets) with their tasks
     cvzoo info NAME                              build one zoo entry and show what it returns
 """
@@ -106,6 +107,52 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=32, collate_fn=collate_for(run["task"]))
     print(f"cvzoo eval: {run['model']} from {run_dir} on {dataset_name} ({split}, {len(dataset)} images)")
     _print_metrics(evaluate_task(model, loader, run["task"], run["classes"], per_class=True))
+    return 0
+
+
+_CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "layercam": "LayerCAM",
+                "xgradcam": "XGradCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
+
+
+def _default_layer(model) -> str:
+    """The deepest child of the backbone that has parameters (the last stage), else the model's last one."""
+    root = "backbone" if hasattr(model, "backbone") else ""
+    module = model.get_submodule(root)
+    names = [n for n, m in module.named_children() if any(True for _ in m.parameters())]
+    if not names:
+        raise ValueError("cannot pick a layer to explain: pass --layer")
+    return f"{root}.{names[-1]}" if root else names[-1]
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import cvzoo.explain as explain
+    from cvzoo.experiment import latest_run, load_model, load_run, read_image
+    from cvzoo.visualize import save_image_png
+
+    if args.checkpoint is not None:
+        if args.model is None:
+            raise ValueError("--checkpoint needs -m/--model, the zoo name of the model it holds")
+        model, run = load_model(args.model, args.checkpoint, args.num_classes)
+    else:
+        model, run = load_run(args.run or latest_run())
+    layer = args.layer or _default_layer(model)
+    method = getattr(explain, _CAM_METHODS[args.method])
+    if run["task"] == "detection":
+        target = explain.DetectionTarget(label=args.target, score_thresh=args.score_thresh)
+    elif run["task"] in ("classification", "multitask"):
+        target = explain.ClassifierTarget(args.target, key="label" if run["task"] == "multitask" else None)
+    else:
+        target = explain.RegressionTarget()
+    out_dir = Path(args.out)
+    with method(model, target_layers=[layer]) as cam:
+        for path in args.images:
+            image = read_image(path)
+            maps = cam(model.signature.normalize(image[None]), [target])
+            target_png = out_dir / f"{Path(path).stem}_{args.method}.png"
+            save_image_png(explain.overlay(image, maps[0], alpha=args.alpha), target_png)
+            print(f"{path}: {args.method} at {layer} -> {target_png}")
     return 0
 
 
@@ -216,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.set_defaults(func=_cmd_predict)
+    p = sub.add_parser("explain", help="class activation maps (Grad-CAM, ...) of a model on image files, as PNG "
+                                       "overlays")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--run", default=None, help="run directory (default: the latest under runs/)")
+    p.add_argument("-m", "--model", default=None, help="zoo model name, with --checkpoint")
+    p.add_argument("--checkpoint", default=None, help=".safetensors, trainer .pt or run directory")
+    p.add_argument("--num-classes", type=int, default=None, help="with --checkpoint and no run.json next to it")
+    p.add_argument("--method", choices=tuple(_CAM_METHODS), default="gradcam")
+    p.add_argument("--layer", default=None, help="dotted module path (default: the backbone's last stage)")
+    p.add_argument("--target", type=int, default=None, help="class index (default: the top class / detection)")
+    p.add_argument("--score-thresh", type=float, default=None, help="detectors: lowest score of the explained "
+                                                                    "detection")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the map in the overlay")
+    p.add_argument("--out", default="explanations")
+    p.set_defaults(func=_cmd_explain)
     p = sub.add_parser("info", help="build a zoo entry, run one image through it and print what it returns")
     p.add_argument("name")
     p.add_argument("--size", nargs=2, type=int, default=(320, 320), metavar=("H", "W"))

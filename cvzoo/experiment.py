@@ -407,6 +407,35 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), run
 
 
+def load_model(model_name: str, checkpoint: str | Path, num_classes: int | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """A zoo model with the weights of `checkpoint`: a run directory, a `.safetensors` file or a trainer
+    checkpoint (`.pt`). The model's size arguments come from the run.json next to it when there is one,
+    else from `num_classes`. Returns the model (eval mode) and what is known of its run."""
+    from cvzoo.train.checkpoint import load_checkpoint, load_model_state, load_safetensors
+    from cvzoo.zoo import create_model, get_entry
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        return load_run(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    run_json = next((p / "run.json" for p in (path.parent, path.parent.parent) if (p / "run.json").is_file()), None)
+    run = json.loads(run_json.read_text()) if run_json is not None else {
+        "model": model_name, "model_kwargs": {}, "task": get_entry(model_name).task, "classes": []}
+    if run["model"] != model_name:
+        raise ValueError(f"checkpoint {path} belongs to a {run['model']!r} run ({run_json}), not {model_name!r}")
+    kwargs = dict(run["model_kwargs"])
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = create_model(model_name, **kwargs)
+    if path.suffix == ".safetensors":
+        load_safetensors(model, path)
+    else:
+        load_model_state(model, load_checkpoint(path)["model"])
+    return model.eval(), run
+
+
 def latest_run(root: str | Path = "runs") -> Path:
     runs = sorted((p for p in Path(root).glob("*") if (p / "model.safetensors").is_file()),
                   key=lambda p: p.stat().st_mtime)

@@ -152,3 +152,40 @@ def test_digits_classification_reaches_97_percent(tmp_path):
     result = train(TrainSettings(model="resnet_micro_classifier", dataset="digits", out=str(tmp_path / "digits"),
                                  progress=False))
     assert result["metrics"]["accuracy"] >= 0.97, result["metrics"]
+
+
+def test_explain_writes_overlays_from_a_run_and_from_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "cls"
+    train(TrainSettings(model="resnet_micro_classifier", dataset="shapes-classification", steps=2, train_images=8,
+                        val_images=8, batch_size=4, progress=False, out=str(out)))
+    from cvzoo.visualize import save_image_png
+
+    image = build_dataset("shapes-classification", "val")[0][0]
+    image_path = save_image_png((image * 255).byte(), tmp_path / "in.png")
+    expl = tmp_path / "expl"
+    assert main(["explain", str(image_path), "--run", str(out), "--out", str(expl)]) == 0
+    assert "gradcam at backbone.layer4" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(expl / "in_gradcam.png").size == (128, 128)
+    for checkpoint in (out / "model.safetensors", out / "checkpoints" / "last.pt"):
+        assert main(["explain", str(image_path), "-m", "resnet_micro_classifier", "--checkpoint", str(checkpoint),
+                     "--method", "layercam", "--layer", "backbone.layer2", "--target", "2",
+                     "--out", str(expl)]) == 0
+        assert (expl / "in_layercam.png").is_file()
+    # the weights came from the checkpoint: the map equals LayerCAM on the run's own model
+    import numpy as np
+
+    from cvzoo.experiment import read_image
+    from cvzoo.explain import ClassifierTarget, LayerCAM, overlay
+
+    model, _ = load_run(out)
+    image = read_image(image_path)  # what the command read: the PNG's 8-bit pixels
+    with LayerCAM(model, target_layers=["backbone.layer2"]) as cam:
+        expected = overlay(image, cam(model.signature.normalize(image[None]), [ClassifierTarget(2)])[0])
+    got = torch.from_numpy(np.asarray(Image.open(expl / "in_layercam.png"))).permute(2, 0, 1)
+    assert (got.int() - expected.int()).abs().max() <= 1
+    assert main(["explain", str(image_path), "--checkpoint", str(out / "model.safetensors")]) == 2
+    assert "needs -m" in capsys.readouterr().err
+    assert main(["explain", str(image_path), "-m", "fcos_micro", "--checkpoint", str(out / "model.safetensors")]) == 2
+    assert "belongs to a 'resnet_micro_classifier' run" in capsys.readouterr().err
