@@ -16,6 +16,7 @@ tracker, and the run directory:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -121,10 +122,7 @@ def model_kwargs(model_name: str, info: Any) -> dict[str, Any]:
     """Builder arguments that fit a model to a dataset (its number of classes, outputs, channels)."""
     from cvzoo.zoo import get_entry
 
-    entry = get_entry(model_name)
-    import inspect
-
-    params = inspect.signature(entry.builder).parameters
+    params = inspect.signature(get_entry(model_name).builder).parameters
     kwargs: dict[str, Any] = {}
     if "num_classes" in params and info.classes:
         kwargs["num_classes"] = len(info.classes)
@@ -139,13 +137,9 @@ def model_kwargs(model_name: str, info: Any) -> dict[str, Any]:
 
 def build_dataset(name: str, split: str, settings: TrainSettings | None = None, in_channels: int | None = None):
     """A registered dataset for `split`, with the settings that apply to it (root, size, channels)."""
-    import inspect
-
     from cvzoo.data.registry import DATASETS, create_dataset
 
     entry = DATASETS[name]
-    params = inspect.signature(entry.builder).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs: dict[str, Any] = {}
     if settings is not None and settings.data_root is not None:
         kwargs["root"] = settings.data_root
@@ -155,7 +149,7 @@ def build_dataset(name: str, split: str, settings: TrainSettings | None = None, 
         count = settings.train_images if split == "train" else settings.val_images
         if count is not None:
             kwargs["num_images"] = count
-    if in_channels is not None and ("channels" in params or takes_any) and name == "digits":
+    if in_channels is not None and name == "digits":  # grey digits, replicated for RGB models
         kwargs["channels"] = in_channels
     return create_dataset(name, split=split, **kwargs)
 
@@ -327,11 +321,12 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
 
     task, _ = check_pair(settings.model, settings.dataset)
     torch.manual_seed(settings.seed)
-    probe = build_dataset(settings.dataset, "train", settings)
-    kwargs = model_kwargs(settings.model, probe.info)
+    train_set = build_dataset(settings.dataset, "train", settings)
+    kwargs = model_kwargs(settings.model, train_set.info)
     model = create_model(settings.model, **kwargs)
     in_channels = model.signature.in_channels
-    train_set = build_dataset(settings.dataset, "train", settings, in_channels)
+    if in_channels != train_set.info.in_channels:  # e.g. grey digits for an RGB backbone
+        train_set = build_dataset(settings.dataset, "train", settings, in_channels)
     val_set = build_dataset(settings.dataset, held_out_split(settings.dataset), settings, in_channels)
     info = train_set.info
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run's files

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cvzoo.explain import GradCAM, LayerCAM
-from cvzoo.explain.shapes_check import run_shapes_check, train_shapes_classifier
+from cvzoo.explain_check import run_shapes_check, train_shapes_classifier
 
 
 @pytest.fixture(scope="module")

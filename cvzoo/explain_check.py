@@ -1,5 +1,9 @@
 """The explanation sanity checks on `Shapes`: a classifier trained on it, then the pointing game and the
-cascading randomisation test of its Grad-CAM maps (`python -m cvzoo.explain.shapes_check` prints them)."""
+cascading randomisation test of its CAM maps (`python -m cvzoo.explain_check` prints them).
+
+An experiment, like `cvzoo.experiment`: it composes data, zoo, train and explain, so it lives above them,
+not inside `cvzoo.explain` (which works on any nn.Module and imports none of them).
+"""
 
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ def run_shapes_check(model: nn.Module, num_images: int = 256, method: type[BaseC
     """Accuracy, pointing game and cascading randomisation of `method` at `layer` on held-out Shapes.
 
     LayerCAM at stride 8 is the default: on this 64 px task Grad-CAM's stride-16 map is coarse (its peak
-    is inside the box on 62% of the test images, against 86% for LayerCAM; see BENCHMARKS.md).
+    is inside the box on 62% of the test images, against 85% for LayerCAM; see the README).
     """
     from cvzoo.data.shapes import Shapes
 
