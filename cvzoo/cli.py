@@ -51,7 +51,8 @@ def _settings(args: argparse.Namespace):
 
     return TrainSettings(
         model=args.model, dataset=args.dataset, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, device=args.device, amp=None if args.amp == "none" else args.amp, compile=args.compile,
+        lr=args.lr, device=args.device, strategy=args.strategy, amp=None if args.amp == "none" else args.amp,
+        compile=args.compile,
         channels_last=args.channels_last, ema_decay=args.ema, grad_accum=args.grad_accum, augment=args.augment,
         num_workers=args.workers, data_root=args.data_root, train_images=args.train_images,
         val_images=args.val_images, out=args.out,
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--strategy", default="auto", choices=("auto", "single", "ddp", "fsdp"),
+                   help="auto: DDP when launched by torchrun with several processes")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
     p.add_argument("--channels-last", action="store_true")

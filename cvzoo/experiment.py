@@ -54,6 +54,7 @@ class TrainSettings:
     clip_grad_norm: float | None = 10.0
     augment: str = "flip"  # "none", "flip" (horizontal flips, no extra needed), or a kornia preset
     device: str = "auto"
+    strategy: str = "auto"  # "auto" (DDP under torchrun), "single", "ddp", "fsdp"
     amp: str | None = None
     compile: bool = False
     channels_last: bool = False
@@ -353,7 +354,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
         grad_accum=settings.grad_accum, clip_grad_norm=settings.clip_grad_norm, amp=settings.amp,
         compile=settings.compile, channels_last=settings.channels_last, ema_decay=settings.ema_decay,
         warmup_steps=min(settings.warmup_steps, (steps or 10**9) // 10), out_dir=run_dir / "checkpoints",
-        tracker=tracker, device=settings.device,
+        tracker=tracker, device=settings.device, strategy=settings.strategy,
         batch_transform=make_batch_transform(model, task, settings.augment, info.image_size),
         rebuild=lambda: create_model(settings.model, **kwargs), progress=settings.progress, seed=settings.seed,
         eval_every=settings.eval_every or (max(1, steps // 5) if steps else None),  # else: at each epoch end
