@@ -19,6 +19,7 @@ from cvzoo.detection.heatmaps import CenterNetEncoder, CenterNetTargets, gaussia
 from cvzoo.detection.postprocess import batched_postprocess, select_topk
 from cvzoo.detection.priors import AnchorGenerator, PointGenerator, retinanet_anchor_sizes
 from cvzoo.detection.retinanet import ATSS, RetinaNet
+from cvzoo.detection.roi import MultiLevelRoIAlign, sample_rois
 from cvzoo.detection.structures import Detections, TargetBatch
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "FCOS",
     "FCOSAssigner",
     "MaxIoUAssigner",
+    "MultiLevelRoIAlign",
     "PointGenerator",
     "RetinaNet",
     "TargetBatch",
@@ -50,6 +52,7 @@ __all__ = [
     "pairwise_giou",
     "pairwise_iou",
     "retinanet_anchor_sizes",
+    "sample_rois",
     "select_topk",
     "valid_boxes",
 ]
