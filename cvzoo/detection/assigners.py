@@ -20,20 +20,24 @@ IOU_CHUNK = 32768  # priors per IoU chunk: bounds the (B, M, chunk, 2) temporari
 
 
 def chunked_iou(gt_boxes: Tensor, priors: Tensor, chunk: int = IOU_CHUNK) -> Tensor:
-    """(B, M, 4) x (R, 4) -> (B, M, R) IoU (= torchvision's box_iou per image), over prior chunks.
+    """(B, M, 4) x (R, 4) shared priors, or (B, R, 4) per-image ones (proposals) -> (B, M, R) IoU
+    (= torchvision's box_iou per image), over prior chunks.
 
     The chunk count depends on R alone; what can be computed once (areas, corners) is, so each chunk
     costs about ten operations.
     """
     g_lt, g_rb = gt_boxes[..., None, :2], gt_boxes[..., None, 2:]  # (B, M, 1, 2)
     g_area = (g_rb - g_lt).prod(-1)  # (B, M, 1)
-    p_area = (priors[:, 2:] - priors[:, :2]).prod(-1)  # (R,)
+    per_image = priors.ndim == 3
+    p_area = (priors[..., 2:] - priors[..., :2]).prod(-1)  # (R,) or (B, R)
+    if per_image:
+        priors, p_area = priors[:, None], p_area[:, None]  # (B, 1, R, 4), (B, 1, R)
     out = []
-    for i in range(0, priors.shape[0], chunk):
-        p = priors[i:i + chunk]
-        wh = (torch.minimum(g_rb, p[:, 2:]) - torch.maximum(g_lt, p[:, :2])).clamp(min=0)  # (B, M, r, 2)
+    for i in range(0, priors.shape[-2], chunk):
+        p = priors[..., i:i + chunk, :]
+        wh = (torch.minimum(g_rb, p[..., 2:]) - torch.maximum(g_lt, p[..., :2])).clamp(min=0)  # (B, M, r, 2)
         inter = wh.prod(-1)  # (B, M, r)
-        out.append(inter / (g_area + p_area[i:i + chunk] - inter))
+        out.append(inter / (g_area + p_area[..., i:i + chunk] - inter))
     return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
 
 
@@ -63,7 +67,8 @@ class MaxIoUAssigner:
         self.allow_low_quality_matches = allow_low_quality_matches
 
     def __call__(self, priors: Tensor, targets: TargetBatch) -> Tensor:
-        """priors (R, 4) xyxy, targets (B, M) -> matched (B, R)."""
+        """priors (R, 4) xyxy shared by the batch, or (B, R, 4) per image (proposals), targets (B, M)
+        -> matched (B, R)."""
         valid = targets.valid[..., None]  # (B, M, 1)
         iou = torch.where(valid, chunked_iou(targets.boxes, priors), torch.full((), -1.0, device=priors.device))
         best, matched = iou.max(dim=1)  # (B, R): padding rows hold -1, so they never win over a real box

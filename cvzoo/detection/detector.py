@@ -10,60 +10,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvzoo.detection.structures import Detections, TargetBatch
-from cvzoo.types import cast_like_parameters
+from cvzoo.types import Signature, cast_like_parameters
 
 ImagesArg = Tensor | Sequence[Tensor]
 _UNSET: float = float("nan")  # predict()'s "use the model's nms_thresh" (None already means "no NMS")
 TargetsArg = Sequence[Mapping[str, Tensor]] | TargetBatch
 
 
-class DenseDetector(nn.Module):
-    """backbone -> neck -> dense head, plus priors, assignment, losses and post-processing (subclasses).
+class DetectorBase(nn.Module):
+    """What every detector shares at its public boundary: batching images of different sizes (zero-padded
+    at the bottom/right to a size divisible by `pad_divisor`) and validating targets into a TargetBatch."""
 
-    Images are normalised with `signature.mean`/`std` (cvzoo models do not normalise internally;
-    `signature.normalize` maps [0, 1] images). `images` is a (B, C, H, W) batch or a list of (C, H_i, W_i)
-    images, which are zero-padded at the bottom/right to a common size divisible by `pad_divisor`.
-    Boxes in targets and detections are absolute xyxy pixels of the input images.
+    signature: Signature
+    num_classes: int
 
-    - `forward(images: Tensor)` -> the head's raw NamedTuple (pure tensor code, same in train and eval);
-    - `loss(images, targets)` -> {"loss": total, term: value}; targets are torchvision-style dicts
-      (validated) or a `TargetBatch` (trusted, the compile-friendly path);
-    - `predict(images, score_thresh=..., nms_thresh=..., max_detections=...)` -> [Detections] per image.
-    """
-
-    def __init__(self, backbone: nn.Module, neck: nn.Module | None, head: nn.Module, pad_divisor: int = 32,
-                 score_thresh: float = 0.05, nms_thresh: float | None = 0.5, max_detections: int = 100,
-                 topk_candidates: int = 1000) -> None:
+    def __init__(self, pad_divisor: int = 32) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.neck = neck
-        self.head = head
-        self.num_classes = head.num_classes
-        feature_info = (neck if neck is not None else backbone).feature_info
-        self.strides = tuple(f.stride for f in feature_info)
-        if pad_divisor < 1:
-            raise ValueError(f"pad_divisor must be positive, got {pad_divisor}")
+        if isinstance(pad_divisor, bool) or not isinstance(pad_divisor, int) or pad_divisor < 1:
+            raise ValueError(f"pad_divisor must be a positive int, got {pad_divisor!r}")
         self.pad_divisor = pad_divisor
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.max_detections = max_detections
-        self.topk_candidates = topk_candidates
-        self.signature = backbone.signature.replace(outputs=tuple(type(self).output_names()))
 
-    @classmethod
-    def output_names(cls) -> tuple[str, ...]:
-        return ()
-
-    # ---- composition ---------------------------------------------------------------------------
-
-    def features(self, images: Tensor) -> list[Tensor]:
-        feats = self.backbone(images)
-        return self.neck(feats) if self.neck is not None else feats
-
-    def forward(self, images: Tensor) -> tuple:
-        return self.head(self.features(images))
-
-    # ---- public boundary -----------------------------------------------------------------------
+    def target_fields(self) -> dict:
+        """Extra per-object fields the targets must carry (`TargetBatch.from_list` keywords)."""
+        return {}
 
     def batch_images(self, images: ImagesArg) -> tuple[Tensor, Tensor]:
         """A batch tensor or a list of differently sized images -> (B, C, H, W) batch, (B, 2) (H, W) sizes."""
@@ -93,7 +62,53 @@ class DenseDetector(nn.Module):
             if targets.boxes.shape[0] != num_images:
                 raise ValueError(f"targets hold {targets.boxes.shape[0]} images but there are {num_images} images")
             return targets
-        return TargetBatch.from_list(targets, num_images, self.num_classes, device)
+        return TargetBatch.from_list(targets, num_images, self.num_classes, device, **self.target_fields())
+
+
+class DenseDetector(DetectorBase):
+    """backbone -> neck -> dense head, plus priors, assignment, losses and post-processing (subclasses).
+
+    Images are normalised with `signature.mean`/`std` (cvzoo models do not normalise internally;
+    `signature.normalize` maps [0, 1] images). `images` is a (B, C, H, W) batch or a list of (C, H_i, W_i)
+    images, which are zero-padded at the bottom/right to a common size divisible by `pad_divisor`.
+    Boxes in targets and detections are absolute xyxy pixels of the input images.
+
+    - `forward(images: Tensor)` -> the head's raw NamedTuple (pure tensor code, same in train and eval);
+    - `loss(images, targets)` -> {"loss": total, term: value}; targets are torchvision-style dicts
+      (validated) or a `TargetBatch` (trusted, the compile-friendly path);
+    - `predict(images, score_thresh=..., nms_thresh=..., max_detections=...)` -> [Detections] per image.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module | None, head: nn.Module, pad_divisor: int = 32,
+                 score_thresh: float = 0.05, nms_thresh: float | None = 0.5, max_detections: int = 100,
+                 topk_candidates: int = 1000) -> None:
+        super().__init__(pad_divisor)
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.num_classes = head.num_classes
+        feature_info = (neck if neck is not None else backbone).feature_info
+        self.strides = tuple(f.stride for f in feature_info)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.max_detections = max_detections
+        self.topk_candidates = topk_candidates
+        self.signature = backbone.signature.replace(outputs=tuple(type(self).output_names()))
+
+    @classmethod
+    def output_names(cls) -> tuple[str, ...]:
+        return ()
+
+    # ---- composition ---------------------------------------------------------------------------
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        feats = self.backbone(images)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def forward(self, images: Tensor) -> tuple:
+        return self.head(self.features(images))
+
+    # ---- public boundary -----------------------------------------------------------------------
 
     def loss(self, images: ImagesArg, targets: TargetsArg) -> dict[str, Tensor]:
         batch, sizes = self.batch_images(images)

@@ -158,13 +158,36 @@ def batched_postprocess(
     boxes = clip_boxes(decode(torch.gather(prior_idx, 1, order)), image_sizes).reshape(-1, 4)[flat]
     labels = torch.gather(labels, 1, order).reshape(-1)[flat]
     best = best.reshape(-1)[flat]
-    n = top_scores.shape[1]
+    return _nms_and_split(boxes, best, labels, flat, top_scores.shape[1], num_valid, k, nms_thresh, max_detections)
+
+
+def nms_detections(boxes: Tensor, scores: Tensor, labels: Tensor, candidate: Tensor, num_labels: int,
+                   nms_thresh: float | None, max_detections: int) -> list[Detections]:
+    """Candidates already decoded (two-stage box heads: one box per proposal and class): boxes (B, N, 4),
+    scores (B, N), labels (B, N) in [0, num_labels), candidate (B, N) bool -> one Detections per image,
+    best first, after NMS within (image, label) and at most `max_detections` each."""
+    b, n = scores.shape
+    key = torch.where(candidate, scores.float(), torch.full((), -math.inf, device=scores.device))
+    best, order = torch.sort(key, dim=1, descending=True, stable=True)  # (B, N) best first
+    valid = torch.gather(candidate, 1, order)
+    flat = valid.reshape(-1).nonzero()[:, 0]
+    boxes = torch.gather(boxes, 1, order[..., None].expand(-1, -1, 4)).reshape(-1, 4)[flat]
+    labels = torch.gather(labels, 1, order).reshape(-1)[flat]
+    return _nms_and_split(boxes, best.reshape(-1)[flat], labels, flat, n, valid.sum(dim=1), num_labels,
+                          nms_thresh, max_detections)
+
+
+def _nms_and_split(boxes: Tensor, best: Tensor, labels: Tensor, flat: Tensor, n: int, num_valid: Tensor,
+                   num_labels: int, nms_thresh: float | None, max_detections: int) -> list[Detections]:
+    """The kept candidates of a (B, n) best-first layout (`flat`: their flat indices; boxes, best, labels
+    gathered for them) -> NMS within (image, label), the best `max_detections` of each image."""
+    b = num_valid.numel()
     image_of, position = torch.div(flat, n, rounding_mode="floor"), flat % n
     if nms_thresh is None:  # already best first within each image
         kept = torch.arange(best.numel(), device=best.device)
     else:
-        kept = _nms_best_first(boxes.float(), image_of * k + labels, image_of, position, num_valid, nms_thresh,
-                               max_detections)
+        kept = _nms_best_first(boxes.float(), image_of * num_labels + labels, image_of, position, num_valid,
+                               nms_thresh, max_detections)
     image_of = image_of[kept]
     order = torch.sort(image_of, stable=True).indices  # group by image, best first within each
     kept, image_of = kept[order], image_of[order]

@@ -7,21 +7,34 @@ zero boxes; they never match a prior.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+NO_EXTRAS: Mapping[str, Tensor] = MappingProxyType({})
 
 
 class Detections(NamedTuple):
     boxes: Tensor  # (N, 4) xyxy in input-image pixels
     scores: Tensor  # (N,)
     labels: Tensor  # (N,) int64
+    # what per-object heads add, one (N, ...) tensor each: "masks" (N, H, W) probabilities pasted into the
+    # image, "keypoints" (N, K, 3) x, y, visibility in image pixels, "keypoint_scores" (N, K), 3D boxes, attributes
+    extras: Mapping[str, Tensor] = NO_EXTRAS
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """torchvision's detection format: {"boxes", "scores", "labels", **extras}."""
+        return {"boxes": self.boxes, "scores": self.scores, "labels": self.labels, **self.extras}
 
 
 class TargetBatch(NamedTuple):
     boxes: Tensor  # (B, M, 4) xyxy, zeros on padding rows
     labels: Tensor  # (B, M) int64, -1 on padding rows
+    masks: Tensor | None = None  # (B, M, H, W) float instance masks, zeros on padding rows
+    keypoints: Tensor | None = None  # (B, M, K, 3) x, y, visibility (> 0 visible) in pixels, zeros on padding
+    attributes: Mapping[str, Tensor] = NO_EXTRAS  # name -> (B, M, ...) per-object values, zeros on padding
 
     @property
     def valid(self) -> Tensor:
@@ -35,10 +48,16 @@ class TargetBatch(NamedTuple):
         num_images: int,
         num_classes: int,
         device: torch.device | str | None = None,
+        masks: bool = False,
+        num_keypoints: int | None = None,
+        attributes: Mapping[str, Sequence[int]] | None = None,
     ) -> TargetBatch:
         """torchvision-style targets (list of {"boxes": (N_i, 4) xyxy, "labels": (N_i,)}) -> padded batch.
 
-        Validates at the boundary: ValueErrors name the image index and, for boxes, the offending box.
+        With `masks`, each dict also needs "masks" (N_i, H_i, W_i) (padded to the largest H, W); with
+        `num_keypoints` K, "keypoints" (N_i, K, 3) (x, y, visibility); `attributes` maps each extra
+        per-object field to the shape of one object's value (`()` for a scalar, e.g. {"price": ()}).
+        Validates at the boundary: ValueErrors name the image index and the field (for boxes, the box).
         """
         if isinstance(targets, Mapping) or not isinstance(targets, Sequence):
             raise ValueError(f"targets must be a list of dicts with 'boxes' and 'labels', got {type(targets).__name__}")
@@ -70,9 +89,25 @@ class TargetBatch(NamedTuple):
                 j = int(((labels < 0) | (labels >= num_classes)).nonzero()[0, 0])
                 raise ValueError(f"targets[{i}]['labels'][{j}] = {int(labels[j])} is out of range; expected "
                                  f"0 <= label < num_classes={num_classes}")
+            _check_fields(t, i, boxes.shape[0], masks, num_keypoints, attributes or {})
             boxes_list.append(boxes)
             labels_list.append(labels)
-        return cls.from_padded_lists(boxes_list, labels_list, device)
+        batch = cls.from_padded_lists(boxes_list, labels_list, device)
+        m, dev = batch.labels.shape[1], batch.labels.device
+        if masks:
+            h = max(t["masks"].shape[-2] for t in targets)
+            w = max(t["masks"].shape[-1] for t in targets)
+            padded = torch.zeros(num_images, m, h, w, device=dev)
+            for i, t in enumerate(targets):  # one copy per image: masks differ in size
+                mk = t["masks"]
+                padded[i, :mk.shape[0], :mk.shape[1], :mk.shape[2]] = mk.to(dev, torch.float32)
+            batch = batch._replace(masks=padded)
+        if num_keypoints is not None:
+            batch = batch._replace(keypoints=_pad_field([t["keypoints"] for t in targets], m, dev))
+        if attributes:
+            batch = batch._replace(attributes=MappingProxyType(
+                {name: _pad_field([t[name] for t in targets], m, dev) for name in attributes}))
+        return batch
 
     @classmethod
     def from_padded_lists(cls, boxes: Sequence[Tensor], labels: Sequence[Tensor],
@@ -91,3 +126,39 @@ class TargetBatch(NamedTuple):
         lab = torch.nn.utils.rnn.pad_sequence([*(x.to(device, torch.int64) for x in labels), dummy_l],
                                               batch_first=True, padding_value=-1)[:-1]
         return cls(b, lab)
+
+
+def _pad_field(values: Sequence[Tensor], m: int, device) -> Tensor:
+    """[(N_i, ...)] -> (B, m, ...) float, zeros on padding rows."""
+    out = torch.zeros(len(values), m, *values[0].shape[1:], device=device)
+    for i, v in enumerate(values):
+        out[i, :v.shape[0]] = v.to(device, torch.float32)
+    return out
+
+
+def _check_fields(t: Mapping[str, Tensor], i: int, n: int, masks: bool, num_keypoints: int | None,
+                  attributes: Mapping[str, Sequence[int]]) -> None:
+    """ValueErrors naming image i and the field when a per-object field disagrees with its n boxes."""
+    def shape_of(name: str) -> tuple | str:
+        return tuple(t[name].shape) if isinstance(t[name], Tensor) else type(t[name]).__name__
+
+    if masks:
+        if "masks" not in t:
+            raise ValueError(f"targets[{i}] has no 'masks'; this model needs (N, H, W) instance masks per image")
+        if not isinstance(t["masks"], Tensor) or t["masks"].ndim != 3 or t["masks"].shape[0] != n:
+            raise ValueError(f"targets[{i}]['masks'] must be ({n}, H, W), one mask per box, got {shape_of('masks')}")
+    if num_keypoints is not None:
+        if "keypoints" not in t:
+            raise ValueError(f"targets[{i}] has no 'keypoints'; this model needs (N, {num_keypoints}, 3) keypoints")
+        kp = t["keypoints"]
+        if not isinstance(kp, Tensor) or kp.shape != (n, num_keypoints, 3):
+            raise ValueError(f"targets[{i}]['keypoints'] must be ({n}, {num_keypoints}, 3) (x, y, visibility; "
+                             f"K={num_keypoints} as the head predicts), got {shape_of('keypoints')}")
+    for name, shape in attributes.items():
+        if name not in t:
+            raise ValueError(f"targets[{i}] has no {name!r}; this model needs a ({n}, *{tuple(shape)}) tensor")
+        if not isinstance(t[name], Tensor) or tuple(t[name].shape) != (n, *shape):
+            raise ValueError(f"targets[{i}][{name!r}] must be {(n, *shape)}, one value per box, got "
+                             f"{shape_of(name)}")
+        if not bool(torch.isfinite(t[name].float()).all()):
+            raise ValueError(f"targets[{i}][{name!r}] holds non-finite values")

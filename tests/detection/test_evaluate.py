@@ -50,7 +50,7 @@ class StubDetector(nn.Module):
             boxes = t["boxes"] + torch.tensor([self.shift, 0.0, self.shift, 0.0])
             det = Detections(boxes, torch.ones(len(boxes)), t["labels"])
             if self.extra is not None:
-                det = Detections(*(torch.cat([a, b]) for a, b in zip(det, self.extra)))
+                det = Detections(*(torch.cat([a, b]) for a, b in zip(det[:3], self.extra[:3])))
             out.append(det)
         return out
 
