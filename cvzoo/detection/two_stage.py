@@ -29,7 +29,7 @@ class TwoStageOutput(NamedTuple):
     box_deltas: Tensor  # (B, P, K + 1, 4) per-class deltas w.r.t. those proposals
     proposals: Tensor  # (B, P, 4) xyxy, decoded from the RPN (no NMS: pure tensor code)
     objectness: Tensor  # (B, P) RPN logits of those proposals
-    branches: dict[str, object]  # each extra branch's raw head output on the proposals, rows (B * P)
+    branches: dict[str, object]  # each extra branch's raw head output on those proposals, tensors (B, P, ...)
 
 
 class TwoStageDetector(DetectorBase):
@@ -91,7 +91,8 @@ class TwoStageDetector(DetectorBase):
         proposals = clip_boxes(self.rpn.box_coder.decode(deltas, anchors[idx]), size)  # (B, P, 4)
         valid = torch.ones_like(objectness, dtype=torch.bool)
         box = self.box_branch.raw(feats, proposals, valid)
-        branches = {name: br.head(br.pool(feats, proposals, valid)) for name, br in self.branches.items()}
+        branches = {name: _unflatten(br.head(br.pool(feats, proposals, valid)), b)
+                    for name, br in self.branches.items()}
         return TwoStageOutput(box.cls_logits, box.box_deltas, proposals, objectness, branches)
 
     # ---- public boundary -----------------------------------------------------------------------
@@ -140,6 +141,15 @@ class TwoStageDetector(DetectorBase):
         scores, boxes = self.box_branch.decode(out, out.proposals, sizes)  # (B, P, K), (B, P, K, 4)
         best = scores.argmax(dim=-1)  # (B, P)
         return scores, torch.gather(boxes, 2, best[..., None, None].expand(-1, -1, 1, 4))[:, :, 0]
+
+
+def _unflatten(out, b: int):
+    """A head's (B * P, ...) output (a tensor, NamedTuple or dict of them) -> (B, P, ...)."""
+    if isinstance(out, Tensor):
+        return out.reshape(b, -1, *out.shape[1:])
+    if isinstance(out, dict):
+        return {k: _unflatten(v, b) for k, v in out.items()}
+    return type(out)(*(_unflatten(v, b) for v in out))
 
 
 def _pooler(strides: Sequence[int], size: int) -> MultiLevelRoIAlign:

@@ -15,8 +15,28 @@ from cvzoo.heads.dense import (
 from cvzoo.heads.multitask import MultiTaskHead
 from cvzoo.heads.pooling import GlobalPool
 from cvzoo.heads.regression import KeypointOutput, KeypointRegressionHead, RegressionHead, RegressionOutput
+from cvzoo.heads.roi import (
+    Box3DHead,
+    Box3DOutput,
+    KeypointHead,
+    MaskHead,
+    ObjectAttributeHead,
+    RoIBoxHead,
+    RoIBoxOutput,
+    RPNHead,
+    RPNOutput,
+)
 
 __all__ = [
+    "Box3DHead",
+    "Box3DOutput",
+    "KeypointHead",
+    "MaskHead",
+    "ObjectAttributeHead",
+    "RoIBoxHead",
+    "RoIBoxOutput",
+    "RPNHead",
+    "RPNOutput",
     "ATSSHead",
     "ATSSOutput",
     "CenterNetHead",
