@@ -97,6 +97,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         held_out_split,
         latest_run,
         load_run,
+        target_keys,
     )
 
     run_dir = args.run or latest_run()
@@ -105,7 +106,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     split = args.split or held_out_split(dataset_name)
     settings = TrainSettings(val_images=args.images, train_images=args.images) if args.images else None
     dataset = build_dataset(dataset_name, split, settings, model.signature.in_channels)
-    loader = DataLoader(dataset, batch_size=32, collate_fn=collate_for(run["task"]))
+    loader = DataLoader(dataset, batch_size=32, collate_fn=collate_for(run["task"], target_keys(model)))
     print(f"cvzoo eval: {run['model']} from {run_dir} on {dataset_name} ({split}, {len(dataset)} images)")
     _print_metrics(evaluate_task(model, loader, run["task"], run["classes"], per_class=True))
     return 0

@@ -157,7 +157,22 @@ def build_dataset(name: str, split: str, settings: TrainSettings | None = None, 
 
 # ---- batches, augmentation, evaluation ---------------------------------------------------------------
 
-def collate_for(task: str) -> Callable[[list], Any]:
+def target_keys(model: nn.Module) -> tuple[str, ...]:
+    """The keys of a detection target dict that `model` reads: boxes and labels, plus what its per-object
+    branches need (masks, keypoints, attributes)."""
+    fields = model.target_fields() if hasattr(model, "target_fields") else {}
+    keys = ["boxes", "labels"]
+    if fields.get("masks"):
+        keys.append("masks")
+    if fields.get("num_keypoints") is not None:
+        keys.append("keypoints")
+    keys += list(fields.get("attributes", {}))
+    return tuple(keys)
+
+
+def collate_for(task: str, keys: Sequence[str] = ("boxes", "labels")) -> Callable[[list], Any]:
+    """The batch collation of a task; detection targets keep `keys` only (what the model reads: other
+    fields would only be copied to the device)."""
     from torch.utils.data import default_collate
 
     from cvzoo.data.collate import detection_collate
@@ -167,29 +182,51 @@ def collate_for(task: str) -> Callable[[list], Any]:
 
     def collate(batch: list) -> tuple[Any, list[dict[str, Tensor]]]:
         images, targets = detection_collate(batch)
-        # the detectors read boxes and labels; masks and keypoints would only be copied to the device
-        return images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        return images, [{k: t[k] for k in keys} for t in targets]
 
     return collate
+
+
+def check_target_fields(model: nn.Module, info: Any) -> None:
+    """A ValueError when the dataset lacks a target field the model trains on (e.g. masks for Mask R-CNN)."""
+    missing = [k for k in target_keys(model) if k not in info.target_fields]
+    if missing:
+        raise ValueError(f"the model trains on target fields {missing} that dataset {info.name!r} does not provide "
+                         f"(it has {list(info.target_fields)})")
 
 
 def _device_of(images: Any) -> torch.device:
     return images.device if isinstance(images, Tensor) else images[0].device
 
 
-def _flip_detection(images: Tensor, targets: list[dict[str, Tensor]], flip: Tensor) -> list[dict[str, Tensor]]:
+def _flip_detection(images: Tensor, targets: list[dict[str, Tensor]], flip: Tensor,
+                    keypoint_flip: Sequence[int] | None = None) -> list[dict[str, Tensor]]:
+    """Horizontal flip of the flagged images' targets: boxes, masks, and keypoints (x mirrored, then
+    reordered by `keypoint_flip` so left and right points swap)."""
     w = images.shape[-1]
     out = []
     for t, f in zip(targets, flip.tolist()):  # per image: the targets are a list of variable-size dicts
+        if not f:
+            out.append(t)
+            continue
+        t = dict(t)
         boxes = t["boxes"]
-        if f:
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        out.append({**t, "boxes": boxes})
+        t["boxes"] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+        if "masks" in t:
+            t["masks"] = t["masks"].flip(-1)
+        if "keypoints" in t:
+            if keypoint_flip is None:
+                raise ValueError("augment='flip' with keypoint targets needs the dataset's keypoint_flip order "
+                                 "(DatasetInfo.keypoint_flip); use augment='none'")
+            kp = t["keypoints"].clone()
+            kp[..., 0] = w - kp[..., 0]
+            t["keypoints"] = kp[:, list(keypoint_flip)]
+        out.append(t)
     return out
 
 
-def make_batch_transform(model: nn.Module, task: str, augment: str,
-                         image_size: tuple[int, int] | None) -> Callable[[Any, Any], tuple[Any, Any]]:
+def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: tuple[int, int] | None,
+                         keypoint_flip: Sequence[int] | None = None) -> Callable[[Any, Any], tuple[Any, Any]]:
     """(images in [0, 1], targets) on the device -> (augmented, normalised images, targets), for training.
 
     Random draws come from torch's global generator, which the trainer's checkpoints save and restore,
@@ -218,12 +255,13 @@ def make_batch_transform(model: nn.Module, task: str, augment: str,
             flip = torch.rand(images.shape[0]) < 0.5
             images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
             if task == "detection":
-                targets = _flip_detection(images, targets, flip)
+                targets = _flip_detection(images, targets, flip, keypoint_flip)
         if task == "detection":
             # one padded batch, validated here: the (compiled) loss then has no data-dependent checks
             from cvzoo.detection.structures import TargetBatch
 
-            targets = TargetBatch.from_list(targets, len(targets), model.num_classes, _device_of(images))
+            fields = model.target_fields() if hasattr(model, "target_fields") else {}
+            targets = TargetBatch.from_list(targets, len(targets), model.num_classes, _device_of(images), **fields)
         if isinstance(images, Tensor):
             return normalize(images), targets
         return [normalize(im[None])[0] for im in images], targets
@@ -266,8 +304,15 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
         if task == "detection":
             from cvzoo.detection.evaluate import evaluate
 
-            r = evaluate(model, batches, device=device, class_names=list(classes) or None)
+            keys = target_keys(model)
+            iou_types = ("bbox",) + (("segm",) if "masks" in keys else ()) + (("keypoints",) if "keypoints" in keys
+                                                                               else ())
+            r = evaluate(model, batches, device=device, class_names=list(classes) or None, iou_types=iou_types)
             out = {"mAP": r["map"], "mAP50": r["map_50"], "mAP75": r["map_75"], "mAR100": r["mar_100"]}
+            if "segm" in iou_types:
+                out.update({"mask_mAP": r["segm_map"], "mask_mAP50": r["segm_map_50"]})
+            if "keypoints" in iou_types:
+                out.update({"keypoint_AP": r["keypoints_map"], "keypoint_AP50": r["keypoints_map_50"]})
             if per_class:
                 out.update({f"AP/{name}": ap for name, ap in r["per_class"].items()})
             return out
@@ -343,7 +388,9 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
     steps = settings.steps
     if steps is None and settings.epochs is None:
         steps = 1000
-    collate = collate_for(task)
+    if task == "detection":
+        check_target_fields(model, info)
+    collate = collate_for(task, target_keys(model))
     train_loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
                               collate_fn=collate, num_workers=settings.num_workers)
     val_loader = DataLoader(val_set, batch_size=32, shuffle=False, collate_fn=collate,
@@ -355,7 +402,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
         compile=settings.compile, channels_last=settings.channels_last, ema_decay=settings.ema_decay,
         warmup_steps=min(settings.warmup_steps, (steps or 10**9) // 10), out_dir=run_dir / "checkpoints",
         tracker=tracker, device=settings.device, strategy=settings.strategy,
-        batch_transform=make_batch_transform(model, task, settings.augment, info.image_size),
+        batch_transform=make_batch_transform(model, task, settings.augment, info.image_size, info.keypoint_flip),
         rebuild=lambda: create_model(settings.model, **kwargs), progress=settings.progress, seed=settings.seed,
         eval_every=settings.eval_every or (max(1, steps // 5) if steps else None),  # else: at each epoch end
         checkpoint_every=max(1, steps // 10) if steps else None,  # and at each epoch end, and on SIGTERM

@@ -25,7 +25,7 @@ from cvzoo.backbones import (
 )
 from cvzoo.classification import ImageClassifier, ImageRegressor, MultiTaskModel
 from cvzoo.classification.baselines import NoopClassifier, NoopMultiTask, NoopRegressor
-from cvzoo.detection import ATSS, FCOS, CenterNet, RetinaNet
+from cvzoo.detection import ATSS, FCOS, CenterNet, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
 from cvzoo.detection.baselines import NoopDetector
 from cvzoo.heads import (
     ATSSHead,
@@ -303,6 +303,86 @@ def centernet_resnet18(num_classes: int = 80, pretrained: bool = False, **kwargs
     return CenterNet(backbone, neck, CenterNetHead(128, num_classes), **kwargs)
 
 
+# ---- two-stage detectors ------------------------------------------------------------------------------
+
+def _rcnn_trunk(size: str, pretrained) -> tuple[nn.Module, FPN]:
+    """(backbone C2-C5, FPN P2-P6 with a max-pooled P6): the R-CNN pyramid, 64 channels for "micro", else 256."""
+    backbone = {"micro": resnet_micro, "resnet18": resnet18, "resnet50": resnet50}[size](
+        pretrained=pretrained, out_indices=(0, 1, 2, 3))
+    return backbone, FPN(backbone.feature_info, 64 if size == "micro" else 256, extra_levels=1, extra_mode="maxpool")
+
+
+# CPU-demo sizes: fewer proposals and sampled RoIs than torchvision's 2000/1000 and 512
+_MICRO_RCNN = {"representation_size": 256, "batch_size_per_image": 128}
+
+
+def _micro_rpn(neck: FPN):
+    from cvzoo.detection.rpn import RegionProposalNetwork, rpn_anchor_generator
+    from cvzoo.heads.roi import RPNHead
+
+    strides = tuple(f.stride for f in neck.feature_info)
+    return RegionProposalNetwork(RPNHead(neck.feature_info[0].channels), rpn_anchor_generator(strides),
+                                 pre_nms_top_n_train=1000, post_nms_top_n_train=500, pre_nms_top_n_test=500,
+                                 post_nms_top_n_test=300)
+
+
+def fasterrcnn_micro(num_classes: int = 4, pretrained: bool = False, **kwargs) -> FasterRCNN:
+    """Faster R-CNN on ResNet-micro + FPN P2-P6 (64 channels), small RPN/RoI budgets: the CPU demo."""
+    backbone, neck = _rcnn_trunk("micro", pretrained)
+    return FasterRCNN(backbone, neck, num_classes, rpn=_micro_rpn(neck), **{**_MICRO_RCNN, **kwargs})
+
+
+def maskrcnn_micro(num_classes: int = 4, pretrained: bool = False, **kwargs) -> MaskRCNN:
+    """Mask R-CNN on ResNet-micro + FPN P2-P6 (64 channels), a 2-conv mask head: the CPU demo."""
+    from cvzoo.detection.roi_heads import MaskBranch
+    from cvzoo.detection.two_stage import roi_pooler
+    from cvzoo.heads.roi import MaskHead
+
+    backbone, neck = _rcnn_trunk("micro", pretrained)
+    branch = MaskBranch(MaskHead(64, num_classes, layers=(64, 64), dim_reduced=64),
+                        roi_pooler(tuple(f.stride for f in neck.feature_info), 14))
+    return MaskRCNN(backbone, neck, num_classes, branch, rpn=_micro_rpn(neck), **{**_MICRO_RCNN, **kwargs})
+
+
+def keypointrcnn_micro(num_classes: int = 4, num_keypoints: int = 4, pretrained: bool = False,
+                       **kwargs) -> KeypointRCNN:
+    """Keypoint R-CNN on ResNet-micro + FPN P2-P6 (64 channels), a 4-conv keypoint head: the CPU demo."""
+    from cvzoo.detection.roi_heads import KeypointBranch
+    from cvzoo.detection.two_stage import roi_pooler
+    from cvzoo.heads.roi import KeypointHead
+
+    backbone, neck = _rcnn_trunk("micro", pretrained)
+    branch = KeypointBranch(KeypointHead(64, num_keypoints, layers=(64,) * 4),
+                            roi_pooler(tuple(f.stride for f in neck.feature_info), 14))
+    return KeypointRCNN(backbone, neck, num_classes, num_keypoints, branch, rpn=_micro_rpn(neck),
+                        **{**_MICRO_RCNN, **kwargs})
+
+
+def fasterrcnn_resnet18_fpn(num_classes: int = 80, pretrained: bool = False, **kwargs) -> FasterRCNN:
+    """Faster R-CNN on ResNet-18 + FPN P2-P6 (256 channels), torchvision's RPN and box head settings."""
+    backbone, neck = _rcnn_trunk("resnet18", pretrained)
+    return FasterRCNN(backbone, neck, num_classes, **kwargs)
+
+
+def fasterrcnn_resnet50_fpn(num_classes: int = 80, pretrained: bool = False, **kwargs) -> FasterRCNN:
+    """Faster R-CNN on ResNet-50 + FPN P2-P6, torchvision's fasterrcnn_resnet50_fpn layout."""
+    backbone, neck = _rcnn_trunk("resnet50", pretrained)
+    return FasterRCNN(backbone, neck, num_classes, **kwargs)
+
+
+def maskrcnn_resnet50_fpn(num_classes: int = 80, pretrained: bool = False, **kwargs) -> MaskRCNN:
+    """Mask R-CNN on ResNet-50 + FPN P2-P6, torchvision's maskrcnn_resnet50_fpn layout."""
+    backbone, neck = _rcnn_trunk("resnet50", pretrained)
+    return MaskRCNN(backbone, neck, num_classes, **kwargs)
+
+
+def keypointrcnn_resnet50_fpn(num_classes: int = 1, num_keypoints: int = 17, pretrained: bool = False,
+                              **kwargs) -> KeypointRCNN:
+    """Keypoint R-CNN on ResNet-50 + FPN P2-P6 (person, 17 COCO keypoints), torchvision's layout."""
+    backbone, neck = _rcnn_trunk("resnet50", pretrained)
+    return KeypointRCNN(backbone, neck, num_classes, num_keypoints, **kwargs)
+
+
 def _entries() -> list[ZooEntry]:
     own_backbones = [resnet_micro, resnet18, resnet34, resnet50, convnext_micro, convnext_atto, convnext_tiny]
     return [
@@ -324,7 +404,9 @@ def _entries() -> list[ZooEntry]:
         ZooEntry("resnet18_multitask", resnet18_multitask, "multitask"),
         *(ZooEntry(f.__name__, f, "detection") for f in (
             retinanet_micro, retinanet_resnet18_fpn, retinanet_resnet50_fpn, fcos_micro, fcos_resnet18_fpn,
-            fcos_resnet50_fpn, atss_micro, atss_resnet18_fpn, centernet_micro, centernet_resnet18, noop_detector)),
+            fcos_resnet50_fpn, atss_micro, atss_resnet18_fpn, centernet_micro, centernet_resnet18, noop_detector,
+            fasterrcnn_micro, maskrcnn_micro, keypointrcnn_micro, fasterrcnn_resnet18_fpn, fasterrcnn_resnet50_fpn,
+            maskrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn)),
     ]
 
 

@@ -13,7 +13,9 @@ class DatasetInfo:
 
     `image_size` is the raw `(H, W)` of every image, or None when sizes vary. `target_fields` names what
     a sample's target holds: the keys of a detection target dict, or the single field of a
-    classification (`("label",)`) or regression (`("value",)`) target.
+    classification (`("label",)`) or regression (`("value",)`) target. `keypoint_flip` is the keypoint
+    order after a horizontal flip (left and right points swap: index i takes keypoint `keypoint_flip[i]`),
+    None when the dataset has no keypoints or does not say.
     """
 
     name: str
@@ -22,6 +24,7 @@ class DatasetInfo:
     in_channels: int
     image_size: tuple[int, int] | None
     target_fields: tuple[str, ...]
+    keypoint_flip: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

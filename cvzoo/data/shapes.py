@@ -209,7 +209,8 @@ class Shapes(Dataset):
                   "regression": ("value",), "multitask": ("label", "value", "keypoints")}[task]
         self.info = DatasetInfo(name="shapes" if task == "detection" else f"shapes-{task}", task=task,
                                 classes=CLASSES, in_channels=3, image_size=(image_size, image_size),
-                                target_fields=fields)
+                                target_fields=fields,
+                                keypoint_flip=(0, 3, 2, 1))  # top, right, bottom, left: right and left swap
         grid = torch.arange(image_size, dtype=torch.float32) + 0.5  # pixel centres
         self._ys, self._xs = torch.meshgrid(grid, grid, indexing="ij")  # (S, S) each
 

@@ -152,7 +152,7 @@ def _unflatten(out, b: int):
     return type(out)(*(_unflatten(v, b) for v in out))
 
 
-def _pooler(strides: Sequence[int], size: int) -> MultiLevelRoIAlign:
+def roi_pooler(strides: Sequence[int], size: int) -> MultiLevelRoIAlign:
     """torchvision's poolers: sampling ratio 2 over the stride-4..32 levels (P2-P5)."""
     return MultiLevelRoIAlign(size, 2, strides=tuple(s for s in strides if s <= 32))
 
@@ -174,7 +174,7 @@ class FasterRCNN(TwoStageDetector):
         rpn = rpn or default_rpn(strides, channels)
         if box_branch is None:
             head = RoIBoxHead(channels, num_classes, 7, fc_sizes=(representation_size, representation_size))
-            box_branch = BoxBranch(head, _pooler(strides, 7), **box_settings)
+            box_branch = BoxBranch(head, roi_pooler(strides, 7), **box_settings)
         elif box_settings:
             raise ValueError(f"box settings {sorted(box_settings)} apply to the default box branch only; pass them "
                              "to your BoxBranch")
@@ -196,7 +196,7 @@ class MaskRCNN(FasterRCNN):
         info = (neck if neck is not None else backbone).feature_info
         if mask_branch is None:
             strides = tuple(f.stride for f in info)
-            mask_branch = MaskBranch(MaskHead(info[0].channels, num_classes), _pooler(strides, 14))
+            mask_branch = MaskBranch(MaskHead(info[0].channels, num_classes), roi_pooler(strides, 14))
         super().__init__(backbone, neck, num_classes, branches={"mask": mask_branch, **kwargs.pop("branches", {})},
                          **kwargs)
 
@@ -209,7 +209,7 @@ class KeypointRCNN(FasterRCNN):
         info = (neck if neck is not None else backbone).feature_info
         if keypoint_branch is None:
             strides = tuple(f.stride for f in info)
-            keypoint_branch = KeypointBranch(KeypointHead(info[0].channels, num_keypoints), _pooler(strides, 14))
+            keypoint_branch = KeypointBranch(KeypointHead(info[0].channels, num_keypoints), roi_pooler(strides, 14))
         super().__init__(backbone, neck, num_classes,
                          branches={"keypoint": keypoint_branch, **kwargs.pop("branches", {})}, **kwargs)
 

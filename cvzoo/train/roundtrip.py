@@ -24,8 +24,9 @@ def check_state_round_trip(model: nn.Module, rebuild: Callable[[], nn.Module], i
     in eval mode without gradients; raises `StateRoundTripError` naming the first term that differs.
 
     The fresh model is moved to the device and memory format of `model`'s first parameter. `model`'s
-    train/eval mode is restored afterwards. Random number generators are advanced by whatever `rebuild` and
-    the losses draw: callers that care save and restore them."""
+    train/eval mode is restored afterwards. Both losses start from the same random state (and leave the
+    generators as they found them); `rebuild` advances them by whatever it draws: callers that care save
+    and restore them."""
     fresh = rebuild()
     if not isinstance(fresh, nn.Module):
         raise ValueError(f"rebuild() must return an nn.Module, got {type(fresh).__name__}")
@@ -42,8 +43,13 @@ def check_state_round_trip(model: nn.Module, rebuild: Callable[[], nn.Module], i
     model.eval()
     fresh.eval()
     try:
+        # both losses draw the same random numbers (samplers of two-stage detectors draw in eval mode too)
+        devices = [first.device.index or 0] if first is not None and first.device.type == "cuda" else []
         with torch.no_grad():
-            ours, theirs = model.loss(inputs, targets), fresh.loss(inputs, targets)
+            with torch.random.fork_rng(devices=devices):
+                ours = model.loss(inputs, targets)
+            with torch.random.fork_rng(devices=devices):
+                theirs = fresh.loss(inputs, targets)
     finally:
         model.train(was_training)
     if not isinstance(ours, Mapping):
