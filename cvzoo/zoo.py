@@ -313,7 +313,7 @@ def _rcnn_trunk(size: str, pretrained) -> tuple[nn.Module, FPN]:
 
 
 # CPU-demo sizes: fewer proposals and sampled RoIs than torchvision's 2000/1000 and 512
-_MICRO_RCNN = {"representation_size": 256, "batch_size_per_image": 128}
+_MICRO_RCNN = {"representation_size": 256, "batch_size_per_image": 64}
 
 
 def _micro_rpn(neck: FPN):
@@ -322,7 +322,7 @@ def _micro_rpn(neck: FPN):
 
     strides = tuple(f.stride for f in neck.feature_info)
     return RegionProposalNetwork(RPNHead(neck.feature_info[0].channels), rpn_anchor_generator(strides),
-                                 pre_nms_top_n_train=1000, post_nms_top_n_train=500, pre_nms_top_n_test=500,
+                                 pre_nms_top_n_train=600, post_nms_top_n_train=300, pre_nms_top_n_test=600,
                                  post_nms_top_n_test=300)
 
 

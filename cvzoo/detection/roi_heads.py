@@ -65,6 +65,11 @@ class RoIBranch(nn.Module):
     def target_fields(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The keys `predict` adds to each detection's extras."""
+        return ()
+
     def pool(self, features: Mapping[int, Tensor], boxes: Tensor, valid: Tensor) -> Tensor:
         """{stride: (B, C, H, W)}, boxes (B, S, 4), valid (B, S) -> (B*S, C, S_h, S_w)."""
         missing = [s for s in self.pooler.strides if s not in features]
@@ -179,6 +184,10 @@ class MaskBranch(RoIBranch):
     def target_fields(self) -> dict[str, Any]:
         return {"masks": True}
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("masks",)
+
     def loss(self, features, rois, targets):
         if targets.masks is None:
             raise ValueError("MaskBranch needs instance masks in the targets ('masks' per image)")
@@ -213,6 +222,10 @@ class KeypointBranch(RoIBranch):
 
     def target_fields(self) -> dict[str, Any]:
         return {"num_keypoints": self.num_keypoints}
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("keypoints", "keypoint_scores")
 
     def loss(self, features, rois, targets):
         if targets.keypoints is None:
@@ -258,6 +271,10 @@ class Box3DBranch(RoIBranch):
 
     def target_fields(self) -> dict[str, Any]:
         return {"attributes": {"center3d": (3,), "size3d": (3,), "yaw": ()}}
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("center3d", "depth", "size3d", "yaw")
 
     @property
     def bin_width(self) -> float:
@@ -347,6 +364,10 @@ class AttributeBranch(RoIBranch):
 
     def target_fields(self) -> dict[str, Any]:
         return {"attributes": self.shapes}
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.shapes)
 
     def encode(self, name: str, values: Tensor, boxes: Tensor) -> Tensor:
         if self.codings[name] == "box_points":

@@ -209,7 +209,7 @@ def two_stage_from_torchvision(tv_model: nn.Module, cls: type | None = None):
                              KeypointBranch(kp_head, _pooler_of(tv_roi.keypoint_roi_pool, strides)), **kwargs)
     else:
         model = FasterRCNN(trunk, fpn, num_classes, **kwargs)
-    if cls is not None and not isinstance(model, cls):
+    if cls is not None and type(model) is not cls:
         raise ValueError(f"{cls.__name__}.from_torchvision got a torchvision {type(tv_model).__name__} that converts "
                          f"to {type(model).__name__}; call {type(model).__name__}.from_torchvision")
     return _take_normalisation(model, tv_model)

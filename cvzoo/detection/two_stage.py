@@ -56,6 +56,14 @@ class TwoStageDetector(DetectorBase):
             missing = [s for s in part.strides if s not in self.strides]
             if missing:
                 raise ValueError(f"{name} reads strides {part.strides} but the pyramid has {self.strides}")
+        seen: dict[str, str] = {}
+        for key, branch in self.branches.items():  # one owner per extras key and per target field
+            names = set(branch.output_names) | set(branch.target_fields().get("attributes", {}))
+            for n in sorted(names):
+                if n in seen:
+                    raise ValueError(f"branches {seen[n]!r} and {key!r} both use the name {n!r} (an output or a "
+                                     "target field); rename one")
+                seen[n] = key
         if isinstance(raw_proposals, bool) or not isinstance(raw_proposals, int) or raw_proposals < 1:
             raise ValueError(f"raw_proposals must be a positive int, got {raw_proposals!r}")
         self.raw_proposals = raw_proposals

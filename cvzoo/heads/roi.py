@@ -246,6 +246,8 @@ class ObjectAttributeHead(nn.Module):
             if not isinstance(name, str) or not name.isidentifier() or \
                     not all(isinstance(s, int) and s > 0 for s in shape):
                 raise ValueError(f"outputs[{name!r}] must map an identifier to a shape of positive ints, got {shape}")
+            if hasattr(nn.ModuleDict, name):
+                raise ValueError(f"outputs[{name!r}]: the name clashes with an nn.ModuleDict attribute; pick another")
             self.shapes[name] = shape
         self.mlp, n = _mlp(in_channels * sh * sw, fc_sizes)
         self.outputs = nn.ModuleDict({name: nn.Linear(n, math.prod(shape)) for name, shape in self.shapes.items()})

@@ -589,3 +589,15 @@ def test_dense_predictions_against_torchvision_decoding_and_gradients(tiny):
             ref = clip_boxes_to_image(coder.decode_single(deltas, out.proposals[i]), (H, W))
             torch.testing.assert_close(boxes[i].detach(), ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(scores.detach(), probs, rtol=0, atol=1e-6)
+
+
+def test_branches_sharing_an_output_or_target_name_raise(tiny):
+    """A custom attribute named like a 3D output ("yaw") would overwrite it in predict's extras and in the
+    targets: the constructor refuses the pair, naming both branches and the name."""
+    pooler = MultiLevelRoIAlign(7, 2, strides=ROI_STRIDES)
+    branches = {
+        "box3d": Box3DBranch(Box3DHead(C), pooler, camera=CAMERA),
+        "attr": AttributeBranch(ObjectAttributeHead(C, {"yaw": ()}), pooler),
+    }
+    with pytest.raises(ValueError, match=r"branches 'box3d' and 'attr' both use the name 'yaw'"):
+        TwoStageDetector(tiny.backbone, tiny.neck, tiny.rpn, tiny.box_branch, branches=branches)

@@ -203,9 +203,6 @@ def test_wrong_class_raises_naming_the_right_one(pair):
         cls.from_torchvision(tv)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="library bug: MaskRCNN and KeypointRCNN subclass FasterRCNN, so the isinstance check in "
-                          "two_stage_from_torchvision lets FasterRCNN.from_torchvision return them silently")
 def test_faster_rcnn_from_a_mask_rcnn_raises(pair):
     name, tv, _, _ = pair
     if name == "faster":

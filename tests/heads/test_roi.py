@@ -279,10 +279,6 @@ def test_forward_value_errors_name_the_head_and_shape(head, x):
         head(x)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="library bug: output names that are nn.ModuleDict attributes ('values', 'keys', 'items', "
-                          "'update', 'pop', 'training', ...) pass the isidentifier() check, then ModuleDict raises "
-                          "KeyError(\"attribute 'values' already exists\") from inside torch")
 @pytest.mark.parametrize("name", ["values", "keys"])
 def test_object_attribute_head_output_named_like_a_module_dict_attribute(name):
     """Such a name is either a usable output or a ValueError naming it; never an error from deep in torch."""
