@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from cvzoo.detection.assigners import MaxIoUAssigner
 from cvzoo.detection.boxes import clip_boxes
 from cvzoo.detection.coders import BoxCoder
+from cvzoo.detection.detector import _UNSET
 from cvzoo.detection.losses import smooth_l1_loss
 from cvzoo.detection.postprocess import nms_detections
 from cvzoo.detection.roi import MultiLevelRoIAlign, sample_rois
@@ -161,15 +162,20 @@ class BoxBranch(RoIBranch):
         b, s, k = scores.shape
         return scores, clip_boxes(per_class.reshape(b, s * k, 4), image_sizes).reshape(b, s, k, 4)
 
-    def detect(self, features: Mapping[int, Tensor], proposals: Tensor, valid: Tensor,
-               image_sizes: Tensor) -> list[Detections]:
+    def detect(self, features: Mapping[int, Tensor], proposals: Tensor, valid: Tensor, image_sizes: Tensor,
+               score_thresh: float | None = None, nms_thresh: float | None = _UNSET,
+               max_detections: int | None = None) -> list[Detections]:
+        """Detections of proposals (B, P, 4); settings left out take the branch's (`nms_thresh=None`: no NMS)."""
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
+        nms_thresh = self.nms_thresh if nms_thresh is _UNSET else nms_thresh
+        max_detections = self.max_detections if max_detections is None else max_detections
         scores, boxes = self.decode(self.raw(features, proposals, valid), proposals, image_sizes)
         b, s, k = scores.shape
         labels = torch.arange(k, device=scores.device).expand(b, s, k)
         wh = boxes[..., 2:] - boxes[..., :2]
-        candidate = valid[..., None] & (scores > self.score_thresh) & (wh >= self.min_size).all(dim=-1)
+        candidate = valid[..., None] & (scores > score_thresh) & (wh >= self.min_size).all(dim=-1)
         return nms_detections(boxes.reshape(b, s * k, 4), scores.reshape(b, -1), labels.reshape(b, -1),
-                              candidate.reshape(b, -1), k, self.nms_thresh, self.max_detections)
+                              candidate.reshape(b, -1), k, nms_thresh, max_detections)
 
 
 class MaskBranch(RoIBranch):

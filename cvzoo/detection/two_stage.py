@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cvzoo.detection.boxes import clip_boxes
-from cvzoo.detection.detector import DetectorBase, ImagesArg, TargetsArg
+from cvzoo.detection.detector import _UNSET, DetectorBase, ImagesArg, TargetsArg
 from cvzoo.detection.roi import MultiLevelRoIAlign
 from cvzoo.detection.roi_heads import BoxBranch, KeypointBranch, MaskBranch, RoIBranch
 from cvzoo.detection.rpn import RegionProposalNetwork, pad_rows, rpn_anchor_generator
@@ -118,13 +118,25 @@ class TwoStageDetector(DetectorBase):
         return losses
 
     @torch.no_grad()
-    def predict(self, images: ImagesArg) -> list[Detections]:
+    def predict(self, images: ImagesArg, score_thresh: float | None = None, nms_thresh: float | None = _UNSET,
+                max_detections: int | None = None) -> list[Detections]:
         """Detections per image, best first; `extras` hold every branch's outputs (masks pasted into each
-        image at its own size)."""
+        image at its own size). Arguments left out take the box branch's settings (`nms_thresh=None`
+        turns NMS off)."""
+        branch = self.box_branch
+        score_thresh = branch.score_thresh if score_thresh is None else score_thresh
+        nms_thresh = branch.nms_thresh if nms_thresh is _UNSET else nms_thresh
+        max_detections = branch.max_detections if max_detections is None else max_detections
+        if not 0.0 <= score_thresh < 1.0:
+            raise ValueError(f"score_thresh must lie in [0, 1), got {score_thresh}")
+        if nms_thresh is not None and not 0.0 < nms_thresh <= 1.0:
+            raise ValueError(f"nms_thresh must lie in (0, 1] or be None, got {nms_thresh}")
+        if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
+            raise ValueError(f"max_detections must be a positive int, got {max_detections!r}")
         batch, sizes = self.batch_images(images)
         feats = self.features(batch)
         proposals, valid, _ = self.rpn([feats[s] for s in self.rpn.strides], sizes)
-        dets = self.box_branch.detect(feats, proposals, valid, sizes)
+        dets = branch.detect(feats, proposals, valid, sizes, score_thresh, nms_thresh, max_detections)
         if not self.branches:
             return dets
         length = max(1, max(d.boxes.shape[0] for d in dets))

@@ -222,8 +222,9 @@ class DetectionTarget(CAMTarget):
     """One detection of a cvzoo dense detector, explained through the scores of the priors that found it.
 
     Covers any model with `dense_predictions(images) -> (scores (B, R, K), boxes (B, R, 4))` and
-    `predict(images) -> [Detections]` (RetinaNet, ATSS, FCOS, CenterNet; two-stage detectors are not in
-    cvzoo yet). The detection is picked from `predict`'s per-image list (best first), among those of
+    `predict(images) -> [Detections]`: the dense detectors (RetinaNet, ATSS, FCOS, CenterNet), whose priors
+    are every anchor or point, and the two-stage ones (Faster/Mask/Keypoint R-CNN), whose priors are the
+    top `raw_proposals` RPN proposals by objectness (before NMS). The detection is picked from `predict`'s per-image list (best first), among those of
     class `label` when it is given:
     - `reference_box` (xyxy pixels): the candidate with the highest IoU with it;
     - else `box_index`: the candidate at that position (None: the first, i.e. the top-scoring one).

@@ -601,3 +601,18 @@ def test_branches_sharing_an_output_or_target_name_raise(tiny):
     }
     with pytest.raises(ValueError, match=r"branches 'box3d' and 'attr' both use the name 'yaw'"):
         TwoStageDetector(tiny.backbone, tiny.neck, tiny.rpn, tiny.box_branch, branches=branches)
+
+
+def test_predict_settings_override_the_box_branch_and_are_validated(tiny):
+    tiny.eval()
+    images = _images()
+    default = tiny.predict(images)
+    loose = tiny.predict(images, score_thresh=0.0, nms_thresh=None, max_detections=7)
+    assert all(len(d.boxes) == 7 for d in loose)  # no threshold, no NMS: the cap binds
+    strict = tiny.predict(images, score_thresh=0.999)
+    assert all(len(s.boxes) <= len(d.boxes) for s, d in zip(strict, default))
+    assert all(bool((s.scores > 0.999).all()) for s in strict)
+    for kwargs, name in (({"score_thresh": 1.0}, "score_thresh"), ({"nms_thresh": 0.0}, "nms_thresh"),
+                         ({"max_detections": 0}, "max_detections")):
+        with pytest.raises(ValueError, match=name):
+            tiny.predict(images, **kwargs)

@@ -131,6 +131,26 @@ def test_detection_target_sums_the_scores_of_overlapping_priors(retinanet):
         assert torch.equal(resolved.box, box) and resolved.label == label
 
 
+def test_detection_target_explains_a_two_stage_detection():
+    """Faster R-CNN's priors are its top raw proposals: the target sums the class scores of those overlapping
+    the detection, and Grad-CAM gives a finite, non-trivial map."""
+    model = _model("fasterrcnn_micro", num_classes=4)
+    with torch.no_grad():  # the box head's default init gives near-uniform scores: vary them
+        for p in model.box_branch.head.parameters():
+            p.normal_(0, 0.05)
+    images = _images(1)
+    target = DetectionTarget(score_thresh=0.0)
+    output = target.model_output(model, images)
+    scores, boxes = model.dense_predictions(images)
+    det = model.predict(images, score_thresh=0.0)[0]
+    box, label = det.boxes[0], int(det.labels[0])
+    overlap = box_iou(box[None], boxes[0])[0] > 0.5
+    assert overlap.sum() >= 1
+    assert torch.allclose(target(output, 0), scores[0, overlap, label].sum(), rtol=1e-6)
+    maps = GradCAM(model, target_layers=["backbone.layer3"])(images, target)
+    assert maps.shape == (1, *images.shape[-2:]) and torch.isfinite(maps).all() and maps.max() > 0
+
+
 def test_detection_target_picks_by_index_label_or_reference_box(retinanet):
     images = _images()
     output = DetectionTarget().model_output(retinanet, images)
