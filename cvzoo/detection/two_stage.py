@@ -123,16 +123,14 @@ class TwoStageDetector(DetectorBase):
         """Detections per image, best first; `extras` hold every branch's outputs (masks pasted into each
         image at its own size). Arguments left out take the box branch's settings (`nms_thresh=None`
         turns NMS off)."""
-        branch = self.box_branch
-        score_thresh = branch.score_thresh if score_thresh is None else score_thresh
-        nms_thresh = branch.nms_thresh if nms_thresh is _UNSET else nms_thresh
-        max_detections = branch.max_detections if max_detections is None else max_detections
-        if not 0.0 <= score_thresh < 1.0:
+        if score_thresh is not None and not 0.0 <= score_thresh < 1.0:
             raise ValueError(f"score_thresh must lie in [0, 1), got {score_thresh}")
-        if nms_thresh is not None and not 0.0 < nms_thresh <= 1.0:
+        if nms_thresh is not None and nms_thresh is not _UNSET and not 0.0 < nms_thresh <= 1.0:
             raise ValueError(f"nms_thresh must lie in (0, 1] or be None, got {nms_thresh}")
-        if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
+        if max_detections is not None and (isinstance(max_detections, bool) or not isinstance(max_detections, int)
+                                           or max_detections < 1):
             raise ValueError(f"max_detections must be a positive int, got {max_detections!r}")
+        branch = self.box_branch
         batch, sizes = self.batch_images(images)
         feats = self.features(batch)
         proposals, valid, _ = self.rpn([feats[s] for s in self.rpn.strides], sizes)

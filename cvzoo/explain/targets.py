@@ -224,8 +224,8 @@ class DetectionTarget(CAMTarget):
     Covers any model with `dense_predictions(images) -> (scores (B, R, K), boxes (B, R, 4))` and
     `predict(images) -> [Detections]`: the dense detectors (RetinaNet, ATSS, FCOS, CenterNet), whose priors
     are every anchor or point, and the two-stage ones (Faster/Mask/Keypoint R-CNN), whose priors are the
-    top `raw_proposals` RPN proposals by objectness (before NMS). The detection is picked from `predict`'s per-image list (best first), among those of
-    class `label` when it is given:
+    top `raw_proposals` RPN proposals by objectness (before NMS). The detection is picked from `predict`'s
+    per-image list (best first), among those of class `label` when it is given:
     - `reference_box` (xyxy pixels): the candidate with the highest IoU with it;
     - else `box_index`: the candidate at that position (None: the first, i.e. the top-scoring one).
     The explained scalar is then `BoxScoreTarget(chosen box, its label, iou_threshold)`: the sum of the
