@@ -161,7 +161,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cvzoo.experiment import latest_run, load_run, read_image
+    from cvzoo.experiment import drawable_extras, latest_run, load_run, read_image
     from cvzoo.visualize import draw_detections, save_image_png
 
     run_dir = args.run or latest_run()
@@ -172,7 +172,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if run["task"] == "detection":
             det = model.predict([model.signature.normalize(image[None])[0]])[0]
             drawn = draw_detections(image, det.boxes, det.labels, det.scores, classes=run["classes"],
-                                    score_thresh=args.score_thresh)
+                                    score_thresh=args.score_thresh, **drawable_extras(det))
             kept = int((det.scores > args.score_thresh).sum())
             summary = f"{kept} detections above {args.score_thresh}"
         elif run["task"] == "classification":

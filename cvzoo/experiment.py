@@ -487,6 +487,20 @@ def latest_run(root: str | Path = "runs") -> Path:
     return runs[-1]
 
 
+def drawable_extras(det: Any, zoom: int = 1) -> dict[str, Tensor]:
+    """The masks (> 0.5) and keypoints of a detection's extras, for `draw_detections`, on an image shown
+    `zoom` times larger."""
+    extras = getattr(det, "extras", {})
+    out: dict[str, Tensor] = {}
+    if "masks" in extras:
+        out["masks"] = (extras["masks"].cpu() > 0.5).repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
+    if "keypoints" in extras:
+        kp = extras["keypoints"].cpu().clone()
+        kp[..., :2] *= zoom
+        out["keypoints"] = kp
+    return out
+
+
 @torch.no_grad()
 def save_prediction_picture(model: nn.Module, dataset: Any, path: Path, classes: Sequence[str],
                             num_images: int = 8, score_thresh: float = 0.3) -> Path:
@@ -501,7 +515,7 @@ def save_prediction_picture(model: nn.Module, dataset: Any, path: Path, classes:
         zoom = max(1, 256 // max(image.shape[-2:]))  # small images drawn larger, so captions stay legible
         big = image.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
         drawn.append(draw_detections(big, det.boxes.cpu() * zoom, det.labels.cpu(), det.scores.cpu(),
-                                     classes=list(classes), score_thresh=score_thresh))
+                                     classes=list(classes), score_thresh=score_thresh, **drawable_extras(det, zoom)))
     return save_image_png(make_grid_image(drawn, nrow=4), path)
 
 

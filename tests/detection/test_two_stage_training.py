@@ -292,8 +292,9 @@ def test_box3d_head_recovers_depth_and_yaw():
 
     Held-out views are not asserted: 16 views do not generalise. With 48 training views and 200 steps
     (~90 s, too slow here), on 32 held-out views yaw error is 0.36 / 0.23 rad against the constant's
-    1.52 / 1.55 (seeds 0 / 1), but depth error 0.60 / 0.92 m against 0.70 / 0.92 m: depth is memorised,
-    not learnt (the RoI-pooled features are scale-normalised and the head sees no box geometry).
+    1.52 / 1.55 (seeds 0 / 1), but depth error 0.60 / 0.92 m against 0.70 / 0.92 m: depth is memorised
+    rather than learnt from so few views (RoIAlign normalises scale and the head sees no box geometry, so
+    apparent size, the depth cue here, reaches it only indirectly).
     """
     r = _run_box3d(seed=0)
     base, after = r["baseline"], r["after"]
