@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU session: the `cuda`-marked tests, then the detection benchmark on CUDA.
+# One-shot GPU session: the `cuda`-marked tests, then the detection benchmarks (dense, two-stage) on CUDA.
 # Writes logs and JSON to ${OUT:-.}. Runs against the checkout (PYTHONPATH=.), using the
 # machine's own torch/torchvision/timm.
 set -uo pipefail
@@ -19,3 +19,6 @@ timeout 190 python3 benchmarks/detection.py --device cuda --step-only --compile 
 timeout 170 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
   --skip-explain --depth 50 --models retinanet --step-sizes 1333 --step-height 800 --step-batches 4 --step-repeats 5 \
   --json "$out/det_cuda_step_r50.json" 2>&1 | grep -vi warn | tee "$out/det_cuda_step_r50.txt"
+# two-stage: Faster / Mask R-CNN ResNet-50 FPN, eager fp32 both, batch 2 and 8 at 800 px
+timeout 150 python3 benchmarks/two_stage.py --device cuda --size 800 --batches 2 8 --repeats 5 \
+  --json "$out/two_stage_cuda.json" 2>&1 | tee "$out/two_stage_cuda.txt"

@@ -81,7 +81,13 @@ class RoIBranch(nn.Module):
         return pooled.flatten(0, 1)
 
     def positives(self, rois: SampledRoIs) -> tuple[Tensor, Tensor, Tensor]:
+        """The leading rows that hold every image's sampled positives: (B, n, 4) boxes, (B, n) positive
+        mask, (B, n) matched rows. Compiled, n is the static `num_positive_slots`; eager, n shrinks to the
+        most positives an image has (one synchronisation), so the head runs on little more than the
+        positives, as torchvision's per-image lists do."""
         n = rois.num_positive_slots
+        if not torch.compiler.is_compiling():
+            n = min(n, max(1, int(rois.positive[:, :n].sum(dim=1).max())))
         return rois.boxes[:, :n], rois.positive[:, :n], rois.matched[:, :n]
 
     def loss(self, features: Mapping[int, Tensor], rois: SampledRoIs, targets: TargetBatch) -> dict[str, Tensor]:

@@ -1,7 +1,8 @@
 """Region proposal network (Ren et al. 2015) for the whole batch at once.
 
 Anchors, box coder and assigner are the dense detectors' own; proposals come back padded to (B, P, 4)
-xyxy input pixels with a (B, P) validity mask, P = the post-NMS count (static), best first per image.
+xyxy input pixels with a (B, P) validity mask, best first per image; P is the most proposals an image
+kept after NMS (at most the post-NMS count).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class RegionProposalNetwork(nn.Module):
     def forward(self, feats: Sequence[Tensor], image_sizes: Tensor,
                 targets: TargetBatch | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """[(B, C, H_l, W_l)] pyramid (the RPN's levels), image_sizes (B, 2) (H, W) of the unpadded images,
-        targets for the losses -> proposals (B, P, 4) (detached), valid (B, P), losses ({} without targets)."""
+        targets for the losses -> proposals (B, P, 4) (detached), valid (B, P), losses ({} without targets);
+        P <= post_nms_top_n is the most proposals an image kept."""
         if len(feats) != len(self.strides):
             raise ValueError(f"the RPN's anchors cover {len(self.strides)} levels (strides {self.strides}) but "
                              f"{len(feats)} feature maps were given")
@@ -140,7 +142,10 @@ class RegionProposalNetwork(nn.Module):
         candidate = (wh >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)
         dets = nms_detections(boxes, scores, level, candidate, len(locations_per_level), self.nms_thresh,
                               self.post_nms_top_n)
-        return pad_rows([d.boxes for d in dets], self.post_nms_top_n, boxes)
+        # padded to the most proposals an image kept: the RoI heads then do no work on padding rows
+        # beyond what batching needs (the rows are data-dependent here anyway, after NMS)
+        length = max(1, max(d.boxes.shape[0] for d in dets))
+        return pad_rows([d.boxes for d in dets], length, boxes)
 
     def compute_loss(self, out: RPNOutput, anchors: Tensor, targets: TargetBatch) -> dict[str, Tensor]:
         matched = self.assigner(anchors, targets)  # (B, R): box index, -1 background, -2 ignored

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,11 @@ class Box3DOutput(NamedTuple):
     yaw_logits: Tensor  # (N, bins) which yaw bin
     yaw_residual: Tensor  # (N, bins) offset from each bin's centre, in units of half a bin
     center_offset: Tensor  # (N, 2) projected 3D centre relative to the box centre, in box widths/heights
+
+
+# in-place ReLUs after convs and linears (safe: their backward needs the inputs, not the outputs) save a
+# copy of every RoI's feature map, as torchvision's heads do
+_relu = partial(nn.ReLU, inplace=True)
 
 
 def _check_positive(name: str, **values: int) -> None:
@@ -71,7 +77,7 @@ class RPNHead(nn.Module):
         if isinstance(num_convs, bool) or not isinstance(num_convs, int) or num_convs < 0:
             raise ValueError(f"num_convs must be an int >= 0, got {num_convs!r}")
         self.num_anchors = num_anchors
-        self.conv = nn.Sequential(*(ConvNormAct(in_channels, in_channels, 3, norm_layer=norm_layer)
+        self.conv = nn.Sequential(*(ConvNormAct(in_channels, in_channels, 3, norm_layer=norm_layer, act_layer=_relu)
                                     for _ in range(num_convs)))
         self.objectness = nn.Conv2d(in_channels, num_anchors, 1)
         self.box_deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)
@@ -108,7 +114,7 @@ class RoIBoxHead(nn.Module):
         self.convs = nn.Sequential()
         c = in_channels
         for out in conv_channels:
-            self.convs.append(ConvNormAct(c, out, 3, norm_layer=norm_layer))
+            self.convs.append(ConvNormAct(c, out, 3, norm_layer=norm_layer, act_layer=_relu))
             c = out
         self.fcs = nn.ModuleList()
         n = c * sh * sw
@@ -122,7 +128,7 @@ class RoIBoxHead(nn.Module):
         _check_pooled(x, self.in_channels, "RoIBoxHead")
         x = self.convs(x).flatten(1)  # (N, C' S_h S_w)
         for fc in self.fcs:
-            x = F.relu(fc(x))
+            x = F.relu(fc(x), inplace=True)
         return RoIBoxOutput(self.cls_score(x), self.bbox_pred(x).reshape(x.shape[0], -1, 4))  # (N, K+1, 4)
 
 
@@ -142,7 +148,8 @@ class MaskHead(nn.Module):
         self.num_classes = num_classes
         blocks, c = [], in_channels
         for out in layers:
-            blocks.append(ConvNormAct(c, out, 3, padding=dilation, dilation=dilation, norm_layer=norm_layer))
+            blocks.append(ConvNormAct(c, out, 3, padding=dilation, dilation=dilation, norm_layer=norm_layer,
+                                      act_layer=_relu))
             c = out
         self.convs = nn.Sequential(*blocks)
         self.deconv = nn.ConvTranspose2d(c, dim_reduced, 2, 2)
@@ -156,7 +163,7 @@ class MaskHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_pooled(x, self.in_channels, "MaskHead")
-        return self.mask_logits(F.relu(self.deconv(self.convs(x))))
+        return self.mask_logits(F.relu(self.deconv(self.convs(x)), inplace=True))
 
 
 class KeypointHead(nn.Module):
@@ -174,7 +181,7 @@ class KeypointHead(nn.Module):
         self.num_keypoints = num_keypoints
         blocks, c = [], in_channels
         for out in layers:
-            blocks.append(ConvNormAct(c, out, 3, norm_layer=norm_layer))
+            blocks.append(ConvNormAct(c, out, 3, norm_layer=norm_layer, act_layer=_relu))
             c = out
         self.convs = nn.Sequential(*blocks)
         self.deconv = nn.ConvTranspose2d(c, num_keypoints, 4, stride=2, padding=1)
