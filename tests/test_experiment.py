@@ -19,6 +19,7 @@ from cvzoo.experiment import (
     evaluate_task,
     load_run,
     make_batch_transform,
+    target_keys,
     model_kwargs,
     train,
 )
@@ -45,11 +46,13 @@ def test_one_training_step_of_every_compatible_pair(model_name, dataset_name):
     torch.manual_seed(0)
     model = create_model(model_name, **model_kwargs(model_name, probe.info))
     data = build_dataset(dataset_name, "train", settings, model.signature.in_channels)
-    loader = DataLoader(torch.utils.data.Subset(data, [0, 1]), batch_size=2, collate_fn=collate_for(task))
+    loader = DataLoader(torch.utils.data.Subset(data, [0, 1]), batch_size=2,
+                        collate_fn=collate_for(task, target_keys(model)))
     before = [p.detach().clone() for p in model.parameters()]
     trainer = Trainer(model, max_steps=1, lr=1e-2, warmup_steps=0, schedule="constant", progress=False,
                       device="cpu", strategy="single",
-                      batch_transform=make_batch_transform(model, task, "flip", data.info.image_size))
+                      batch_transform=make_batch_transform(model, task, "flip", data.info.image_size,
+                                                           data.info.keypoint_flip))
     trainer.fit(loader)
     losses = [r["train/loss"] for r in trainer.history if "train/loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

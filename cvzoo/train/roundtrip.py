@@ -24,8 +24,8 @@ def check_state_round_trip(model: nn.Module, rebuild: Callable[[], nn.Module], i
     in eval mode without gradients; raises `StateRoundTripError` naming the first term that differs.
 
     The fresh model is moved to the device and memory format of `model`'s first parameter. `model`'s
-    train/eval mode is restored afterwards. Both losses start from the same random state (and leave the
-    generators as they found them); `rebuild` advances them by whatever it draws: callers that care save
+    train/eval mode is restored afterwards. The two compared losses start from the same random state;
+    `rebuild` and a first uncompared call of `model.loss` advance the generators: callers that care save
     and restore them."""
     fresh = rebuild()
     if not isinstance(fresh, nn.Module):
@@ -43,9 +43,13 @@ def check_state_round_trip(model: nn.Module, rebuild: Callable[[], nn.Module], i
     model.eval()
     fresh.eval()
     try:
-        # both losses draw the same random numbers (samplers of two-stage detectors draw in eval mode too)
+        # The compared calls start from the same random state, so random sampling inside `loss` (the RoI
+        # samplers of two-stage detectors draw in eval mode too) compares equal. A first, uncompared call
+        # lets state that `loss` creates lazily exist in `model` only, drawn from the live generators: the
+        # fresh model then creates its own from another random state, and the check still catches it.
         devices = [first.device.index or 0] if first is not None and first.device.type == "cuda" else []
         with torch.no_grad():
+            model.loss(inputs, targets)
             with torch.random.fork_rng(devices=devices):
                 ours = model.loss(inputs, targets)
             with torch.random.fork_rng(devices=devices):

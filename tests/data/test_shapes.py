@@ -58,10 +58,24 @@ def test_splits_are_disjoint():
     assert not prints["val"] & prints["test"]
 
 
+def test_keypoint_flip_order_keeps_top_right_bottom_left(detection):
+    """After a horizontal flip (x -> W - x) and the info's reordering, keypoint 1 is still the rightmost
+    extreme point and keypoint 3 the leftmost; top and bottom keep their places."""
+    w = detection.info.image_size[1]
+    for i in range(4):
+        kp = detection[i][1]["keypoints"]
+        flipped = kp.clone()
+        flipped[..., 0] = w - flipped[..., 0]
+        flipped = flipped[:, list(detection.info.keypoint_flip)]
+        x, y = flipped[..., 0], flipped[..., 1]
+        assert (x[:, 1] >= x.amax(dim=1) - 1e-4).all() and (x[:, 3] <= x.amin(dim=1) + 1e-4).all()
+        assert (y[:, 0] <= y.amin(dim=1) + 1e-4).all() and (y[:, 2] >= y.amax(dim=1) - 1e-4).all()
+
+
 def test_info_describes_the_samples(detection):
     image, target = detection[0]
     assert detection.info == DatasetInfo("shapes", "detection", CLASSES, 3, (96, 96),
-                                         ("boxes", "labels", "masks", "keypoints", "price"))
+                                         ("boxes", "labels", "masks", "keypoints", "price"), keypoint_flip=(0, 3, 2, 1))
     assert tuple(target) == detection.info.target_fields
     assert image.shape == (3, 96, 96) and image.dtype == torch.float32
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0

@@ -352,6 +352,18 @@ class LazyScale(TinyNet):
         return super().loss(images * self.scale, labels)
 
 
+class RandomLoss(TinyNet):
+    """A loss that draws random numbers in eval mode too, as the RoI samplers of two-stage detectors do."""
+
+    def loss(self, images, labels):
+        return super().loss(images * (1 + torch.rand(())), labels)
+
+
+def test_round_trip_check_passes_for_a_loss_that_samples_at_random():
+    trainer = _trainer(RandomLoss(), rebuild=RandomLoss, max_steps=1)
+    assert trainer.fit(toy_loader())["step"] == 1
+
+
 def test_round_trip_check_passes_for_a_sound_model():
     trainer = _trainer(TinyNet(dropout=0.5), rebuild=lambda: TinyNet(dropout=0.5), max_steps=1)
     assert trainer.fit(toy_loader())["step"] == 1
