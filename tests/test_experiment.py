@@ -19,8 +19,8 @@ from cvzoo.experiment import (
     evaluate_task,
     load_run,
     make_batch_transform,
-    target_keys,
     model_kwargs,
+    target_keys,
     train,
 )
 from cvzoo.train import Trainer
