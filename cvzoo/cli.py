@@ -162,7 +162,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cvzoo.experiment import drawable_extras, latest_run, load_run, read_image
-    from cvzoo.visualize import draw_detections, save_image_png
+    from cvzoo.visualize import draw_detections, draw_segmentation, save_image_png
 
     run_dir = args.run or latest_run()
     model, run = load_run(run_dir)
@@ -179,9 +179,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             pred = model.predict(model.signature.normalize(image[None]))
             label = run["classes"][int(pred.labels[0])] if run["classes"] else str(int(pred.labels[0]))
             drawn, summary = (image * 255).byte(), f"{label} ({float(pred.scores[0]):.3f})"
+        elif run["task"] == "segmentation":
+            pred = model.predict(model.signature.normalize(image[None]))
+            drawn = draw_segmentation(image, pred.labels[0], model.num_classes)
+            found = [run["classes"][c] if run["classes"] else str(c) for c in pred.labels[0].unique().tolist()]
+            summary = f"classes {', '.join(found)}"
         else:
-            raise ValueError(f"cvzoo predict draws detection and classification runs; {run_dir} is a "
-                             f"{run['task']} run")
+            raise ValueError(f"cvzoo predict draws detection, classification and segmentation runs; {run_dir} is "
+                             f"a {run['task']} run")
         target = out_dir / f"{Path(path).stem}_pred.png"
         save_image_png(drawn, target)
         print(f"{path}: {summary} -> {target}")
@@ -212,8 +217,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         items = out.items() if isinstance(out, dict) else [(f, getattr(out, f)) for f in out._fields]
         for name, t in items:
+            if isinstance(t, dict):  # e.g. a two-stage detector's per-branch outputs
+                print(f"    {name}: {{{', '.join(t)}}}")
+                continue
             t = t[0] if isinstance(t, tuple) else t
-            print(f"    {name}: {tuple(t.shape)}")
+            print(f"    {name}: {tuple(t.shape) if t is not None else None}")
     return 0
 
 

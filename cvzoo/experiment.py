@@ -29,7 +29,10 @@ import torch
 from torch import Tensor, nn
 
 # model task (zoo) for each dataset task (data registry): the pairs that train together
-TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask")
+TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask", "segmentation")
+# `-m noop`: the image-blind baseline of the dataset's task
+NOOP_MODELS = {"detection": "noop_detector", "classification": "noop_classifier", "regression": "noop_regressor",
+               "multitask": "noop_multitask", "segmentation": "noop_segmenter"}
 DEFAULT_MODEL = "fcos_micro"
 DEFAULT_DATASET = "shapes"
 HELD_OUT_SPLIT = {"digits": "test", "cifar10": "test"}  # the split validated on, where there is no "val"
@@ -83,6 +86,24 @@ class TrainSettings:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
+        self.dataset = resolve_dataset_name(self.dataset)
+        self.model = resolve_model_name(self.model, self.dataset)
+
+
+def resolve_dataset_name(name: str) -> str:
+    """A registered dataset name; underscores stand for dashes (`shapes_segmentation` = `shapes-segmentation`)."""
+    from cvzoo.data.registry import DATASETS
+
+    return name if name in DATASETS or name.replace("_", "-") not in DATASETS else name.replace("_", "-")
+
+
+def resolve_model_name(name: str, dataset: str) -> str:
+    """A zoo name; "noop" picks the image-blind baseline of `dataset`'s task (`-m noop -d voc_segmentation`)."""
+    from cvzoo.data.registry import DATASETS
+
+    if name == "noop" and dataset in DATASETS and DATASETS[dataset].task in NOOP_MODELS:
+        return NOOP_MODELS[DATASETS[dataset].task]
+    return name
 
 
 # ---- which models fit which datasets -----------------------------------------------------------------
@@ -177,6 +198,10 @@ def collate_for(task: str, keys: Sequence[str] = ("boxes", "labels")) -> Callabl
 
     from cvzoo.data.collate import detection_collate
 
+    if task == "segmentation":
+        from cvzoo.data.collate import segmentation_collate
+
+        return segmentation_collate
     if task != "detection":
         return default_collate
 
@@ -243,6 +268,8 @@ def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: 
             raise ValueError(f"augment={augment!r} needs a dataset with a fixed image size")
         if task == "detection":
             kornia_aug = aug.DetectionAugment(preset=augment, size=image_size)
+        elif task == "segmentation":
+            kornia_aug = aug.SegmentationAugment(preset=augment, size=image_size)
         elif task == "classification":
             kornia_aug = aug.ClassificationAugment(preset=augment, size=image_size)
         else:
@@ -251,11 +278,14 @@ def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: 
         if kornia_aug is not None:
             kornia_aug.to(images.device)
             images, targets = kornia_aug(images, targets)
-        elif augment == "flip" and task in ("detection", "classification") and isinstance(images, Tensor):
+        elif augment == "flip" and task in ("detection", "classification", "segmentation") \
+                and isinstance(images, Tensor):
             flip = torch.rand(images.shape[0]) < 0.5
             images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
             if task == "detection":
                 targets = _flip_detection(images, targets, flip, keypoint_flip)
+            elif task == "segmentation":
+                targets = torch.where(flip.to(targets.device)[:, None, None], targets.flip(-1), targets)
         if task == "detection":
             # one padded batch, validated here: the (compiled) loss then has no data-dependent checks
             from cvzoo.detection.structures import TargetBatch
@@ -294,7 +324,8 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
 
     detection: COCO mAP, mAP50, mAP75, mAR100 (torchmetrics), with `per_class` also "AP/<class>" (COCO AP,
     -1 for a class without ground truth); classification: top-1 accuracy;
-    regression: mean absolute and root-mean-square error; multitask: label accuracy, value MAE, keypoint MAE.
+    regression: mean absolute and root-mean-square error; multitask: label accuracy, value MAE, keypoint MAE;
+    segmentation: mean IoU and pixel accuracy (torchmetrics), with `per_class` also "IoU/<class>".
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -315,6 +346,14 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
                 out.update({"keypoint_AP": r["keypoints_map"], "keypoint_AP50": r["keypoints_map_50"]})
             if per_class:
                 out.update({f"AP/{name}": ap for name, ap in r["per_class"].items()})
+            return out
+        if task == "segmentation":
+            from cvzoo.segmentation.metrics import evaluate_segmentation
+
+            r = evaluate_segmentation(model, batches, device=device, class_names=list(classes) or None)
+            out = {"mIoU": r["mIoU"], "pixel_accuracy": r["pixel_accuracy"]}
+            if per_class:
+                out.update({k: v for k, v in r.items() if k.startswith("IoU/")})
             return out
         correct = total = 0
         abs_err = sq_err = kp_err = 0.0
@@ -427,7 +466,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
                         title=f"{settings.model} on {settings.dataset}")
         except (ImportError, ValueError) as err:
             log(f"no curves plot: {err}")
-        if task == "detection":
+        if task in ("detection", "segmentation"):
             save_prediction_picture(final_model, val_set, run_dir / "predictions.png", info.classes)
     else:
         metrics = {}
@@ -504,14 +543,21 @@ def drawable_extras(det: Any, zoom: int = 1) -> dict[str, Tensor]:
 @torch.no_grad()
 def save_prediction_picture(model: nn.Module, dataset: Any, path: Path, classes: Sequence[str],
                             num_images: int = 8, score_thresh: float = 0.3) -> Path:
-    """A grid of the first `num_images` images of `dataset` with the model's detections drawn."""
+    """A grid of the first `num_images` images of `dataset` with the model's detections drawn (a segmenter:
+    each pixel coloured by its predicted class)."""
     from cvzoo.visualize import draw_detections, make_grid_image, save_image_png
 
     device = next(model.parameters()).device
     images = [dataset[i][0] for i in range(min(num_images, len(dataset)))]
     drawn = []
     for image in images:
-        det = model.predict(model.signature.normalize(image[None].to(device)))[0]
+        pred = model.predict(model.signature.normalize(image[None].to(device)))
+        if not isinstance(pred, list):  # a segmenter: its labels coloured over the image
+            from cvzoo.visualize import draw_segmentation
+
+            drawn.append(draw_segmentation(image, pred.labels[0].cpu(), model.num_classes))
+            continue
+        det = pred[0]
         zoom = max(1, 256 // max(image.shape[-2:]))  # small images drawn larger, so captions stay legible
         big = image.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
         drawn.append(draw_detections(big, det.boxes.cpu() * zoom, det.labels.cpu(), det.scores.cpu(),

@@ -20,21 +20,45 @@ class FeatureInfo(NamedTuple):
 
 
 def level_names(feature_info: Sequence[FeatureInfo], prefix: str) -> tuple[str, ...]:
-    """Names a pyramid by log2 of each stride: strides (8, 16, 32) with prefix "p" -> ("p3", "p4", "p5")."""
-    return tuple(f"{prefix}{round(math.log2(f.stride))}" for f in feature_info)
+    """Names a pyramid by log2 of each stride: strides (8, 16, 32) with prefix "p" -> ("p3", "p4", "p5").
+
+    Names are unique: a stride already named gets a suffix "_<n>", n counting its occurrences from 2,
+    so a dilated backbone's strides (4, 8, 8, 8) with prefix "c" -> ("c2", "c3", "c3_2", "c3_3").
+    """
+    names, seen = [], {}
+    for f in feature_info:
+        seen[f.stride] = seen.get(f.stride, 0) + 1
+        base = f"{prefix}{round(math.log2(f.stride))}"
+        names.append(base if seen[f.stride] == 1 else f"{base}_{seen[f.stride]}")
+    return tuple(names)
 
 
 def check_feature_info(feature_info: Sequence[FeatureInfo], name: str = "feature_info") -> tuple[FeatureInfo, ...]:
-    """Validates pyramid metadata handed to a constructor: non-empty, positive, strides increasing."""
+    """Validates pyramid metadata handed to a constructor: non-empty, positive, strides non-decreasing.
+
+    Strides may repeat (a dilated backbone returns several maps at its output stride, e.g. ResNet's
+    layer3 and layer4 both at stride 8); a part that needs distinct strides checks that itself.
+    """
     info = tuple(FeatureInfo(*f) for f in feature_info)
     if not info:
         raise ValueError(f"{name} must list at least one level, got {feature_info!r}")
     for f in info:
         if f.channels < 1 or f.stride < 1:
             raise ValueError(f"{name} needs positive channels and strides, got {f}")
-    if any(b.stride <= a.stride for a, b in zip(info, info[1:])):
-        raise ValueError(f"{name} strides must increase (high resolution first), got {[f.stride for f in info]}")
+    if any(b.stride < a.stride for a, b in zip(info, info[1:])):
+        raise ValueError(f"{name} strides must not decrease (high resolution first; equal strides are allowed "
+                         f"for dilated stages), got {[f.stride for f in info]}")
     return info
+
+
+def check_increasing_strides(info: Sequence[FeatureInfo], name: str = "feature_info", owner: str = "") -> None:
+    """For parts whose levels must differ in resolution (a stride-2 path between consecutive levels):
+    raises a ValueError unless strides strictly increase."""
+    strides = [f.stride for f in info]
+    if any(b <= a for a, b in zip(strides, strides[1:])):
+        who = f"{owner} " if owner else ""
+        raise ValueError(f"{who}{name} strides must strictly increase (each level coarser than the one before), "
+                         f"got {strides}")
 
 
 def cast_like_parameters(images: Tensor, module: torch.nn.Module) -> Tensor:

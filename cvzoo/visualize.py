@@ -171,6 +171,23 @@ def draw_detections(
     return img
 
 
+def draw_segmentation(image: Tensor, labels: Tensor, num_classes: int, alpha: float = 0.5,
+                      skip: Sequence[int] = (0,)) -> Tensor:
+    """Colours each pixel of `image` (3|1, H, W) by its class in `labels` (H, W) (class c in PALETTE[c]);
+    classes in `skip` (the background by default) and labels outside [0, num_classes) (ignored pixels) stay
+    uncoloured. Returns a new (3, H, W) uint8 tensor."""
+    img = to_uint8_image(image)
+    labels = torch.as_tensor(labels).detach().cpu()
+    if labels.shape != img.shape[-2:]:
+        raise ValueError(f"labels must be (H, W) = {tuple(img.shape[-2:])} like the image, got {tuple(labels.shape)}")
+    classes = [c for c in range(num_classes) if c not in skip]
+    if not classes:
+        return img
+    masks = labels[None] == torch.tensor(classes)[:, None, None]  # (C, H, W)
+    colors = [PALETTE[c % len(PALETTE)] for c in classes]
+    return draw_segmentation_masks(img, masks, alpha=alpha, colors=colors)
+
+
 def make_grid_image(
     images: Sequence[Tensor] | Tensor, nrow: int = 8, *, padding: int = 2, pad_value: int = 0
 ) -> Tensor:

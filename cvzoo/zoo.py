@@ -39,7 +39,7 @@ from cvzoo.heads import (
 )
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
-TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection")
+TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -383,6 +383,77 @@ def keypointrcnn_resnet50_fpn(num_classes: int = 1, num_keypoints: int = 17, pre
     return KeypointRCNN(backbone, neck, num_classes, num_keypoints, **kwargs)
 
 
+# ---- semantic segmentation ----------------------------------------------------------------------------
+
+def deeplabv3_resnet_tiny(num_classes: int = 5, pretrained: bool = False, **kwargs):
+    """DeepLabV3 on ResNet-micro at output stride 8 (dilated), a 64-channel ASPP and an FCN auxiliary head."""
+    from cvzoo.heads import ASPPHead, FCNHead
+    from cvzoo.segmentation import Segmenter
+
+    backbone = resnet_micro(pretrained=pretrained, out_indices=(2, 3), output_stride=8)
+    head = ASPPHead(backbone.feature_info[-1].channels, num_classes, atrous_rates=(3, 6, 9), channels=64)
+    return Segmenter(backbone, head, aux_head=FCNHead(backbone.feature_info[0].channels, num_classes, in_index=0),
+                     **kwargs)
+
+
+def unet_resnet_micro(num_classes: int = 5, pretrained: bool = False, **kwargs):
+    """U-Net decoder over the four ResNet-micro stages (strides 4-32), logits at stride 4."""
+    from cvzoo.heads import UNetDecoder
+    from cvzoo.segmentation import Segmenter
+
+    backbone = resnet_micro(pretrained=pretrained, out_indices=(0, 1, 2, 3))
+    return Segmenter(backbone, UNetDecoder(backbone.feature_info, num_classes), **kwargs)
+
+
+def fpnseg_resnet_micro(num_classes: int = 5, pretrained: bool = False, **kwargs):
+    """Panoptic-FPN semantic branch on ResNet-micro + FPN P2-P5 (64 channels), logits at stride 4."""
+    from cvzoo.heads import FPNSegHead
+    from cvzoo.segmentation import Segmenter
+
+    backbone = resnet_micro(pretrained=pretrained, out_indices=(0, 1, 2, 3))
+    neck = FPN(backbone.feature_info, 64)
+    return Segmenter(backbone, FPNSegHead(neck.feature_info, num_classes, 64), neck=neck, **kwargs)
+
+
+def fcn_resnet50(num_classes: int = 21, pretrained: bool = False, aux: bool = True, **kwargs):
+    """FCN on ResNet-50 at output stride 8, torchvision's fcn_resnet50 layout (auxiliary FCN head on layer3)."""
+    from cvzoo.heads import FCNHead
+    from cvzoo.segmentation import Segmenter
+
+    backbone = resnet50(pretrained=pretrained, out_indices=(2, 3), output_stride=8)
+    return Segmenter(backbone, FCNHead(2048, num_classes), aux_head=FCNHead(1024, num_classes, in_index=0) if aux
+                     else None, **kwargs)
+
+
+def deeplabv3_resnet50(num_classes: int = 21, pretrained: bool = False, aux: bool = True, **kwargs):
+    """DeepLabV3 on ResNet-50 at output stride 8, torchvision's deeplabv3_resnet50 layout (auxiliary FCN head)."""
+    from cvzoo.heads import ASPPHead, FCNHead
+    from cvzoo.segmentation import Segmenter
+
+    backbone = resnet50(pretrained=pretrained, out_indices=(2, 3), output_stride=8)
+    return Segmenter(backbone, ASPPHead(2048, num_classes), aux_head=FCNHead(1024, num_classes, in_index=0) if aux
+                     else None, **kwargs)
+
+
+def lraspp_mobilenet_v3_large(num_classes: int = 21, weights: str | None = None, **kwargs):
+    """LR-ASPP on a dilated torchvision MobileNetV3-Large (strides 8 and 16), torchvision's layout."""
+    from cvzoo.backbones import TorchvisionBackbone
+    from cvzoo.heads import LRASPPHead
+    from cvzoo.segmentation import Segmenter
+
+    backbone = TorchvisionBackbone("mobilenet_v3_large", return_layers=("features.4", "features.16"), weights=weights,
+                                   dilated=True)
+    low, high = backbone.feature_info
+    return Segmenter(backbone, LRASPPHead(low.channels, high.channels, num_classes), **kwargs)
+
+
+def noop_segmenter(num_classes: int = 5, in_channels: int = 3, **kwargs):
+    """Image-blind baseline: the majority class at every pixel (the learnt pixel class prior)."""
+    from cvzoo.segmentation import NoopSegmenter
+
+    return NoopSegmenter(num_classes, in_channels, **kwargs)
+
+
 def _entries() -> list[ZooEntry]:
     own_backbones = [resnet_micro, resnet18, resnet34, resnet50, convnext_micro, convnext_atto, convnext_tiny]
     return [
@@ -407,6 +478,9 @@ def _entries() -> list[ZooEntry]:
             fcos_resnet50_fpn, atss_micro, atss_resnet18_fpn, centernet_micro, centernet_resnet18, noop_detector,
             fasterrcnn_micro, maskrcnn_micro, keypointrcnn_micro, fasterrcnn_resnet18_fpn, fasterrcnn_resnet50_fpn,
             maskrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn)),
+        *(ZooEntry(f.__name__, f, "segmentation") for f in (
+            deeplabv3_resnet_tiny, unet_resnet_micro, fpnseg_resnet_micro, fcn_resnet50, deeplabv3_resnet50,
+            lraspp_mobilenet_v3_large, noop_segmenter)),
     ]
 
 

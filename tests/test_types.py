@@ -7,7 +7,15 @@ import dataclasses
 import pytest
 import torch
 
-from cvzoo.types import IMAGENET_MEAN, IMAGENET_STD, FeatureInfo, Signature, check_feature_info, level_names
+from cvzoo.types import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FeatureInfo,
+    Signature,
+    check_feature_info,
+    check_increasing_strides,
+    level_names,
+)
 
 
 def _images() -> torch.Tensor:
@@ -127,12 +135,18 @@ def test_check_feature_info_accepts_tuples_and_returns_feature_info():
     assert isinstance(info, tuple)
 
 
+def test_check_feature_info_accepts_repeated_strides_of_dilated_stages():
+    info = [FeatureInfo(256, 4), FeatureInfo(512, 8), FeatureInfo(1024, 8), FeatureInfo(2048, 8)]
+    assert check_feature_info(info) == tuple(info)
+
+
 @pytest.mark.parametrize("info, fragment", [
     ([], "at least one"),
     ([FeatureInfo(8, 16), FeatureInfo(8, 8)], "[16, 8]"),
-    ([FeatureInfo(8, 8), FeatureInfo(8, 8)], "[8, 8]"),
+    ([FeatureInfo(8, 8), FeatureInfo(8, 8), FeatureInfo(8, 4)], "[8, 8, 4]"),
     ([FeatureInfo(0, 8)], "channels=0"),
     ([FeatureInfo(8, 0)], "stride=0"),
+    ([FeatureInfo(8, -8)], "stride=-8"),
 ])
 def test_check_feature_info_rejects_bad_pyramids(info, fragment):
     with pytest.raises(ValueError, match="^neck_input") as err:
@@ -145,3 +159,15 @@ def test_level_names():
     assert level_names(info, "p") == ("p2", "p3", "p4", "p5", "p6", "p7")
     assert level_names(info[:3], "c") == ("c2", "c3", "c4")
     assert level_names([FeatureInfo(3, 1)], "x") == ("x0",)
+
+
+def test_level_names_are_unique_when_strides_repeat():
+    info = [FeatureInfo(8, s) for s in (4, 8, 8, 8, 16)]
+    assert level_names(info, "c") == ("c2", "c3", "c3_2", "c3_3", "c4")
+    assert level_names([FeatureInfo(8, 16), FeatureInfo(8, 16)], "p") == ("p4", "p4_2")
+
+
+def test_check_increasing_strides():
+    check_increasing_strides([FeatureInfo(8, 8), FeatureInfo(8, 16)])
+    with pytest.raises(ValueError, match=r"^PAN feature_info strides must strictly increase.*\[8, 8\]"):
+        check_increasing_strides([FeatureInfo(8, 8), FeatureInfo(8, 8)], owner="PAN")

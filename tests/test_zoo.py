@@ -33,6 +33,8 @@ def _input(model, batch: int = 2) -> torch.Tensor:
 
 def _tensors(out) -> list[torch.Tensor]:
     """Every tensor in a model output: a list of maps, a NamedTuple, or a dict of NamedTuples."""
+    if out is None:  # an optional output that is off (a segmenter without auxiliary head)
+        return []
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
@@ -71,6 +73,10 @@ def test_declared_outputs_match_real_outputs(name):
         background = 1 if isinstance(model, TwoStageDetector) else 0
         assert out[0].shape[0] == 2 and out[0].shape[-1] == model.num_classes + background
         assert all(t.shape[:2] == out[0].shape[:2] for t in _tensors(out))
+    elif task == "segmentation":
+        assert out._fields == model.signature.outputs
+        assert out.logits.shape == (2, model.num_classes, *x.shape[-2:])  # upsampled to the input size
+        assert out.aux_logits is None or out.aux_logits.shape == out.logits.shape
     else:
         assert set(out) == set(model.signature.outputs) == set(model.tasks)
     assert all(torch.isfinite(t).all() for t in _tensors(out))

@@ -18,15 +18,20 @@ from cvzoo.types import FeatureInfo
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with identity shortcut. (B, in_channels, H, W) -> (B, planes, H / stride, W / stride)."""
+    """Two 3x3 convs with identity shortcut. (B, in_channels, H, W) -> (B, planes, H / stride, W / stride).
+
+    `dilation` dilates both 3x3 convs (padding = dilation). torchvision's BasicBlock has no dilation;
+    ResNet's `output_stride` gives it the same per-block dilation as a Bottleneck's 3x3 conv.
+    """
 
     expansion = 1
 
-    def __init__(self, in_channels: int, planes: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer) -> None:
+    def __init__(self, in_channels: int, planes: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer,
+                 dilation: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride, dilation, dilation, bias=False)
         self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
         self.bn2 = norm_layer(planes)
         self.act = act_layer()
         self.downsample = _shortcut(in_channels, planes, stride, norm_layer)
@@ -41,16 +46,20 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (strided), 1x1 expand x4. (B, in_channels, H, W) -> (B, 4 * planes, H / s, W / s)."""
+    """1x1 reduce, 3x3 (strided or dilated), 1x1 expand x4. (B, in_channels, H, W) -> (B, 4 * planes, H / s, W / s).
+
+    `dilation` dilates the 3x3 conv (padding = dilation), as torchvision's Bottleneck.
+    """
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer) -> None:
+    def __init__(self, in_channels: int, planes: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer,
+                 dilation: int = 1) -> None:
         super().__init__()
         out_channels = planes * self.expansion
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
         self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
         self.bn2 = norm_layer(planes)
         self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
         self.bn3 = norm_layer(out_channels)
@@ -82,6 +91,13 @@ class ResNet(Backbone):
     Stages are 0-based: stage i (torchvision's `layer{i+1}`) has stride 4 * 2**i, so the default
     `out_indices=(1, 2, 3)` returns C3, C4, C5 at strides 8, 16, 32. Stages after the last requested
     one are not built.
+
+    `output_stride` (8, 16 or 32) caps the downsampling for dense prediction (DeepLab): once the
+    cumulative stride reaches it, later stages keep stride 1 and double the dilation instead, as
+    torchvision's `replace_stride_with_dilation` ([False, True, True] is output_stride=8, [False,
+    False, True] 16). The first block of a dilated stage uses the previous dilation, the following
+    blocks the new one. Stage i then has stride min(4 * 2**i, output_stride); parameter names and
+    shapes do not change, so torchvision's weights load as they are.
     """
 
     def __init__(
@@ -97,6 +113,7 @@ class ResNet(Backbone):
         zero_init_residual: bool = False,
         frozen_stages: int = -1,
         grad_checkpointing: bool = False,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if block not in _BLOCKS:
@@ -106,7 +123,10 @@ class ResNet(Backbone):
                              "and at least one block per stage")
         if in_channels < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         self.out_indices = check_out_indices(out_indices, len(layers), "ResNet")
+        self.output_stride = output_stride
         block_cls = _BLOCKS[block]
 
         self.conv1 = nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False)
@@ -115,14 +135,19 @@ class ResNet(Backbone):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
 
         channels, info = stem_width, []
+        total_stride, dilation = 4, 1  # after the stem
         for i in range(self.out_indices[-1] + 1):
-            stride = 1 if i == 0 else 2
+            stride, previous_dilation = (1 if i == 0 else 2), dilation
+            if stride > 1 and total_stride >= output_stride:  # torchvision's replace_stride_with_dilation
+                stride, dilation = 1, dilation * 2
+            total_stride *= stride
             blocks = []
             for j in range(layers[i]):
-                blocks.append(block_cls(channels, widths[i], stride if j == 0 else 1, norm_layer, act_layer))
+                blocks.append(block_cls(channels, widths[i], stride if j == 0 else 1, norm_layer, act_layer,
+                                        dilation=previous_dilation if j == 0 else dilation))
                 channels = widths[i] * block_cls.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            info.append(FeatureInfo(channels, 4 * 2**i))
+            info.append(FeatureInfo(channels, total_stride))
         self.num_stages = len(info)
 
         for m in self.modules():

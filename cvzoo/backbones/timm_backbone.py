@@ -61,7 +61,8 @@ class TimmBackbone(Backbone):
         strides = self.model.feature_info.reduction()
         self.pyramid: SimpleFeaturePyramid | None = None
         size_divisor = 1
-        if len(set(strides)) < len(strides) or plain_vit:
+        # one repeated stride is a plain ViT's (every block at the patch size), unless the trunk is dilated
+        if plain_vit or (len(set(strides)) < len(strides) and kwargs.get("output_stride") is None):
             patch = strides[-1]
             self.pyramid = SimpleFeaturePyramid(channels[-1], patch, vit_strides)
             channels, strides = self.pyramid.channels, list(vit_strides)

@@ -27,23 +27,34 @@ def _family(name: str) -> str:
                      f"{', '.join(_FAMILIES)} (e.g. 'resnet50', 'mobilenet_v3_large', 'efficientnet_b0')")
 
 
+# strided shortcut branches that run beside a block's main path (ResNet's `downsample`, RegNet's `proj`)
+_PARALLEL_BRANCHES = ("downsample", "proj")
+
+
+def _module_stride(module: nn.Module) -> int:
+    """Downsampling of `module`, read from its layers (never from a forward): the product of the strides
+    of its convs and pooling layers, shortcut branches left out (they run in parallel with the same
+    stride). torchvision builds dilated stages (`replace_stride_with_dilation`, MobileNetV3's
+    `dilated=True`) with stride-1 convs, so they count 1 here."""
+    stride = 1
+    for name, m in module.named_modules():
+        if any(part in _PARALLEL_BRANCHES for part in name.split(".")):
+            continue
+        if isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+            s = m.stride if isinstance(m.stride, int) else m.stride[0]
+            stride *= int(s)
+    return stride
+
+
 def _steps(model: nn.Module, family: str) -> list[tuple[str, int]]:
     """The model's trunk as (module path, downsampling of that step) in execution order, classifier left out."""
     if family in ("resnet", "resnext", "wide_resnet"):
-        return [("conv1", 2), ("bn1", 1), ("relu", 1), ("maxpool", 2)] + [(f"layer{i}", 1 if i == 1 else 2)
-                                                                         for i in range(1, 5)]
-    if family == "regnet":  # every stage halves; the stride sits on a block with a parallel projection
-        return [("stem", 2)] + [(f"trunk_output.block{i}", 2) for i in range(1, 5)]
-    # `features` trunks (MobileNet, EfficientNet, ConvNeXt) have no strided parallel branch, so a step's
-    # downsampling is the product of its convs' strides
-    steps = []
-    for i, step in enumerate(model.features):
-        stride = 1
-        for m in step.modules():
-            if isinstance(m, nn.Conv2d):
-                stride *= m.stride[0]
-        steps.append((f"features.{i}", stride))
-    return steps
+        paths = ["conv1", "bn1", "relu", "maxpool"] + [f"layer{i}" for i in range(1, 5)]
+    elif family == "regnet":
+        paths = ["stem"] + [f"trunk_output.block{i}" for i in range(1, 5)]
+    else:  # `features` trunks (MobileNet, EfficientNet, ConvNeXt)
+        paths = [f"features.{i}" for i in range(len(model.features))]
+    return [(p, _module_stride(model.get_submodule(p))) for p in paths]
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
@@ -72,13 +83,21 @@ class TorchvisionBackbone(Backbone):
 
     `return_layers`: module paths of the maps to return, e.g. ("layer2", "layer3", "layer4") or
     ("features.3", "features.6", "features.12"); the default takes the last module at each of the
-    strides 8, 16, 32. `weights`: a torchvision weights name or enum ("DEFAULT", "IMAGENET1K_V1"),
-    or a local .pth/.safetensors file of the full classifier's state dict.
+    strides 8, 16, 32 that the trunk reaches. `weights`: a torchvision weights name or enum ("DEFAULT",
+    "IMAGENET1K_V1"), or a local .pth/.safetensors file of the full classifier's state dict.
+    `model_kwargs` go to torchvision's builder.
+
+    Strides are read from the modules (conv and pooling strides along the main path), so dilated
+    trunks declare their true strides: `mobilenet_v3_large` with `dilated=True` keeps stride 16 after
+    `features.6` (LR-ASPP's "low" = `features.4` at stride 8, "high" = `features.16` at 16), and
+    `resnet50` with `replace_stride_with_dilation=[False, True, True]` returns layer3 and layer4 at
+    stride 8. The default return layers of a dilated trunk are then fewer (8 and 16; or 8 only).
 
     As in torchvision's detection backbones, pretrained batch-norm models use FrozenBatchNorm2d
     (`norm_layer=None`), and `frozen_stages` defaults to 1 with weights (torchvision's
     `trainable_layers=3`) and -1 without. `freeze_stages(n)` freezes the first n + 1 stride groups:
-    everything computed at the smallest stride (the stem), then each further stride.
+    everything computed at the smallest stride (the stem), then each further stride (dilated stages
+    share their output stride's group, so a dilated trunk has fewer groups).
     """
 
     def __init__(
@@ -113,9 +132,12 @@ class TorchvisionBackbone(Backbone):
         for _, step_stride in steps:
             s *= step_stride
             cumulative.append(s)
-        if return_layers is None:
+        if return_layers is None:  # a dilated trunk stops short of 32 (or 16): it returns fewer maps
             return_layers = [max((p for p, c in zip(paths, cumulative) if c == t), key=paths.index)
-                             for t in (8, 16, 32)]
+                             for t in (8, 16, 32) if t in cumulative]
+            if not return_layers:
+                raise ValueError(f"{name} reaches none of the strides 8, 16, 32 (its steps reach "
+                                 f"{sorted(set(cumulative))}); pass return_layers")
         unknown = [p for p in return_layers if p not in paths]
         if unknown or not return_layers:
             raise ValueError(f"return_layers {list(return_layers)!r} must be trunk modules of {name}: {paths}")

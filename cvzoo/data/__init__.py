@@ -21,7 +21,7 @@ from cvzoo.data.adapters import (
     read_rgb,
 )
 from cvzoo.data.archive import extract_archive, extraction_marker, is_extracted
-from cvzoo.data.collate import classification_collate, detection_collate
+from cvzoo.data.collate import classification_collate, detection_collate, segmentation_collate
 from cvzoo.data.digits import DIGIT_CLASSES, Digits
 from cvzoo.data.info import DatasetInfo
 from cvzoo.data.photos import PHOTO_NAMES, sample_photos
@@ -35,10 +35,14 @@ from cvzoo.data.robust import (
     SkipReport,
     robust_collate,
 )
+from cvzoo.data.segmentation_folder import SegmentationFolder
 from cvzoo.data.shapes import CLASSES as SHAPES_CLASSES
-from cvzoo.data.shapes import Shapes, shape_price
+from cvzoo.data.shapes import SEGMENTATION_CLASSES, Shapes, shape_price
 
 __all__ = [
+    "SEGMENTATION_CLASSES",
+    "SegmentationFolder",
+    "segmentation_collate",
     "DATASETS",
     "DataLoadingError",
     "RobustBatch",

@@ -33,3 +33,22 @@ def detection_collate(batch: Sequence[tuple[Tensor, dict[str, Tensor]]]
 def classification_collate(batch: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """[(image (C, H, W), label 0-d)] -> (images (B, C, H, W), labels (B,)): torch's default collate."""
     return default_collate(batch)
+
+
+def segmentation_collate(batch: Sequence[tuple[Tensor, Tensor]], ignore_index: int = 255) -> tuple[Tensor, Tensor]:
+    """[(image (C, H_i, W_i), mask (H_i, W_i))] -> (images (B, C, H, W), masks (B, H, W) int64), H, W the largest
+    sizes: smaller images are zero-padded at the bottom/right and their masks padded with `ignore_index`, so
+    the padding is left out of losses and metrics."""
+    if len(batch) == 0:
+        raise ValueError("batch must hold at least one (image, mask) sample, got an empty batch")
+    for i, sample in enumerate(batch):
+        if not (isinstance(sample, Sequence) and len(sample) == 2 and isinstance(sample[0], Tensor)
+                and isinstance(sample[1], Tensor) and sample[1].shape == sample[0].shape[-2:]):
+            raise ValueError(f"batch[{i}] must be an (image (C, H, W), mask (H, W)) pair of tensors of the same "
+                             f"size, got {type(sample).__name__}")
+    h = max(im.shape[-2] for im, _ in batch)
+    w = max(im.shape[-1] for im, _ in batch)
+    images = torch.stack([torch.nn.functional.pad(im, (0, w - im.shape[-1], 0, h - im.shape[-2])) for im, _ in batch])
+    masks = torch.stack([torch.nn.functional.pad(m.long(), (0, w - m.shape[-1], 0, h - m.shape[-2]),
+                                                 value=ignore_index) for _, m in batch])
+    return images, masks

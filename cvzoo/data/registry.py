@@ -54,6 +54,12 @@ def _voc_segmentation(split: str, root: str, **kwargs) -> Dataset:
     return VOCSegmentationDataset(root, image_set=split, **kwargs)
 
 
+def _segmentation_folder(split: str, root: str, **kwargs) -> Dataset:
+    from cvzoo.data.segmentation_folder import SegmentationFolder
+
+    return SegmentationFolder(root, split=split, **kwargs)
+
+
 def _cifar10(split: str, root: str, **kwargs) -> Dataset:
     from cvzoo.data.adapters import CIFAR10Dataset
 
@@ -85,11 +91,16 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in (
                  "synthetic shapes, one per image: its price in [0, 1]"),
     DatasetEntry("shapes-multitask", _shapes("multitask"), "multitask",
                  "synthetic shapes, one per image: class, price and 4 normalised corner keypoints"),
+    DatasetEntry("shapes-segmentation", _shapes("segmentation"), "segmentation",
+                 "synthetic shapes: a (H, W) mask, 0 background and 1 + class per visible object"),
     DatasetEntry("digits", _digits, "classification", "scikit-learn's 8 x 8 handwritten digits, resized",
                  extra="data"),
     DatasetEntry("voc", _voc, "detection", "Pascal VOC detection at root/VOCdevkit/VOC<year>", needs_root=True),
     DatasetEntry("voc-segmentation", _voc_segmentation, "segmentation",
                  "Pascal VOC semantic segmentation at root/VOCdevkit/VOC<year>", needs_root=True),
+    DatasetEntry("segmentation-folder", _segmentation_folder, "segmentation",
+                 "images and same-stem PNG class-index masks at root[/<split>]/{images,masks}, root/classes.txt",
+                 needs_root=True),
     DatasetEntry("cifar10", _cifar10, "classification", "CIFAR-10 at root/cifar-10-batches-py (split train/test)",
                  needs_root=True),
     DatasetEntry("imagefolder", _imagefolder, "classification", "one folder per class at root/<split>/<class>",

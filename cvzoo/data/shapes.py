@@ -26,7 +26,8 @@ from cvzoo.data.info import DatasetInfo
 
 CLASSES = ("circle", "square", "triangle", "star")
 SPLITS = ("train", "val", "test")
-SHAPES_TASKS = ("detection", "classification", "regression", "multitask")
+SHAPES_TASKS = ("detection", "classification", "regression", "multitask", "segmentation")
+SEGMENTATION_CLASSES = ("background", *CLASSES)  # mask value 0 is background, 1 + k is CLASSES[k]
 DEFAULT_NUM_IMAGES = {"train": 512, "val": 128, "test": 128}
 KEYPOINT_NAMES = ("top", "right", "bottom", "left")
 
@@ -165,11 +166,16 @@ class Shapes(Dataset):
     - "multitask": one object, `(image, {"label": int64 0-d, "value": (1,) price, "keypoints": (4, 2)
       extreme points normalised by (W, H) to [0, 1]})`, the targets of `MultiTaskModel.loss` for
       `cvzoo.zoo.resnet_micro_multitask`.
+    - "segmentation": `(image, mask)`, mask `(H, W)` int64: 0 for background, `1 + label` for the object
+      whose visible mask covers the pixel (visible masks are disjoint), so its classes are
+      `SEGMENTATION_CLASSES = ("background", *CLASSES)`. The scenes are the detection task's: item `i` is
+      the same picture, and its mask is the union of the detection target's visible masks.
 
     Keypoints are the object's extreme points (topmost, rightmost, bottommost, leftmost point of the
     full shape: vertices for polygons), each snapped to the nearest pixel centre of the full shape;
     visibility is 1 when that pixel is not occluded. `price` is `shape_price(size, colour)`. The single
-    object tasks ignore `min_objects`/`max_objects`. Items are drawn on first access and cached.
+    object tasks (classification, regression, multitask) ignore `min_objects`/`max_objects`. Items are
+    drawn on first access and cached.
     """
 
     def __init__(self, split: str = "train", num_images: int | None = None, image_size: int = 128,
@@ -192,7 +198,7 @@ class Shapes(Dataset):
                              f"got {max_size!r}")
         if not 0.0 <= min_visibility <= 1.0:
             raise ValueError(f"min_visibility must be in [0, 1], got {min_visibility!r}")
-        single = task != "detection"
+        single = task not in ("detection", "segmentation")  # these two draw the same multi-object scenes
         self.split = split
         self.task = task
         self.num_images = num_images
@@ -206,17 +212,20 @@ class Shapes(Dataset):
         self.cache = cache
         self._cache: dict[int, ShapesScene] = {}
         fields = {"detection": ("boxes", "labels", "masks", "keypoints", "price"), "classification": ("label",),
-                  "regression": ("value",), "multitask": ("label", "value", "keypoints")}[task]
+                  "regression": ("value",), "multitask": ("label", "value", "keypoints"),
+                  "segmentation": ("mask",)}[task]
+        segmentation = task == "segmentation"
         self.info = DatasetInfo(name="shapes" if task == "detection" else f"shapes-{task}", task=task,
-                                classes=CLASSES, in_channels=3, image_size=(image_size, image_size),
-                                target_fields=fields,
-                                keypoint_flip=(0, 3, 2, 1))  # top, right, bottom, left: right and left swap
+                                classes=SEGMENTATION_CLASSES if segmentation else CLASSES, in_channels=3,
+                                image_size=(image_size, image_size), target_fields=fields,
+                                # top, right, bottom, left: right and left swap; a mask has no keypoints
+                                keypoint_flip=None if segmentation else (0, 3, 2, 1))
         grid = torch.arange(image_size, dtype=torch.float32) + 0.5  # pixel centres
         self._ys, self._xs = torch.meshgrid(grid, grid, indexing="ij")  # (S, S) each
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return CLASSES
+        return self.info.classes
 
     def __len__(self) -> int:
         return self.num_images
@@ -247,6 +256,8 @@ class Shapes(Dataset):
             return image, s.labels[0].clone()
         if self.task == "regression":
             return image, s.price[:1].clone()
+        if self.task == "segmentation":
+            return image, semantic_mask(s.masks, s.labels)
         wh = torch.tensor([self.image_size, self.image_size], dtype=torch.float32)
         return image, {"label": s.labels[0].clone(), "value": s.price[:1].clone(),
                        "keypoints": s.keypoints[0, :, :2] / wh}
@@ -307,6 +318,12 @@ class Shapes(Dataset):
         price = shape_price(torch.tensor(sizes), torch.stack(colours), self.min_size, self.max_size) if n else \
             torch.zeros(0)
         return ShapesScene(canvas, _mask_boxes(masks), torch.tensor(labels, dtype=torch.int64), masks, keypoints, price)
+
+
+def semantic_mask(masks: Tensor, labels: Tensor) -> Tensor:
+    """Disjoint per-object masks (N, H, W) bool and labels (N,) -> (H, W) int64: 1 + label inside, 0 elsewhere."""
+    # the sum equals the label of the one object covering a pixel: visible masks never overlap
+    return (masks.long() * (labels.long() + 1)[:, None, None]).sum(dim=0)  # N = 0 gives all background
 
 
 def _mask_boxes(masks: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvzoo.detection.structures import Detections, TargetBatch
-from cvzoo.types import Signature, cast_like_parameters
+from cvzoo.types import Signature, cast_like_parameters, check_increasing_strides
 
 ImagesArg = Tensor | Sequence[Tensor]
 _UNSET: float = float("nan")  # predict()'s "use the model's nms_thresh" (None already means "no NMS")
@@ -88,6 +88,7 @@ class DenseDetector(DetectorBase):
         self.head = head
         self.num_classes = head.num_classes
         feature_info = (neck if neck is not None else backbone).feature_info
+        check_increasing_strides(feature_info, "the detector's pyramid", type(self).__name__)
         self.strides = tuple(f.stride for f in feature_info)
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh

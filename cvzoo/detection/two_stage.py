@@ -22,6 +22,7 @@ from cvzoo.detection.roi_heads import BoxBranch, KeypointBranch, MaskBranch, RoI
 from cvzoo.detection.rpn import RegionProposalNetwork, pad_rows, rpn_anchor_generator
 from cvzoo.detection.structures import Detections
 from cvzoo.heads.roi import KeypointHead, MaskHead, RoIBoxHead, RPNHead
+from cvzoo.types import check_increasing_strides
 
 
 class TwoStageOutput(NamedTuple):
@@ -50,6 +51,8 @@ class TwoStageDetector(DetectorBase):
         self.branches = nn.ModuleDict(dict(branches or {}))
         self.num_classes = box_branch.num_classes
         feature_info = (neck if neck is not None else backbone).feature_info
+        # levels are looked up by stride: each must be distinct (a dilated trunk needs a neck that resamples)
+        check_increasing_strides(feature_info, "the detector's pyramid", type(self).__name__)
         self.strides = tuple(f.stride for f in feature_info)
         for name, part in (("rpn", rpn), ("box_branch", box_branch.pooler),
                            *((f"branches[{k!r}]", b.pooler) for k, b in self.branches.items())):

@@ -26,8 +26,14 @@ from cvzoo.heads.roi import (
     RPNHead,
     RPNOutput,
 )
+from cvzoo.heads.segmentation import ASPPHead, FCNHead, FPNSegHead, LRASPPHead, UNetDecoder
 
 __all__ = [
+    "ASPPHead",
+    "FCNHead",
+    "FPNSegHead",
+    "LRASPPHead",
+    "UNetDecoder",
     "Box3DHead",
     "Box3DOutput",
     "KeypointHead",

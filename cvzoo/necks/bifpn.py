@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from cvzoo.layers import ActLayer, ConvNormAct, NormLayer, SeparableConvNormAct
 from cvzoo.necks.resize import match_size
-from cvzoo.types import FeatureInfo, check_feature_info
+from cvzoo.types import FeatureInfo, check_feature_info, check_increasing_strides
 
 
 class WeightedFusion(nn.Module):
@@ -63,7 +63,8 @@ class BiFPN(nn.Module):
     """[(B, C_i, H_i, W_i)] high-res first -> [(B, out_channels, H_i, W_i)] + `extra_levels` coarser maps.
 
     Inputs are projected to `out_channels` by 1x1 conv + norm; extra levels are max-pooled from the
-    projected last input (EfficientDet's P6, P7); then `num_repeats` BiFPN layers run.
+    projected last input (EfficientDet's P6, P7); then `num_repeats` BiFPN layers run. Input strides
+    must strictly increase: the bottom-up path max-pools by 2 from one level to the next.
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class BiFPN(nn.Module):
     ) -> None:
         super().__init__()
         info = check_feature_info(feature_info)
+        check_increasing_strides(info, owner="BiFPN")
         if out_channels < 1 or num_repeats < 1 or extra_levels < 0:
             raise ValueError(f"BiFPN needs out_channels >= 1, num_repeats >= 1, extra_levels >= 0; got "
                              f"out_channels={out_channels}, num_repeats={num_repeats}, extra_levels={extra_levels}")

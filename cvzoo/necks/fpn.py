@@ -57,6 +57,8 @@ class FPN(nn.Module):
     what the extra levels are computed from: "output" (P5, as FCOS and RetinaNet v2 do) or "input"
     (C5, as the original RetinaNet). `num_outputs` keeps only the first (finest) n top-down levels,
     e.g. 1 for a single stride-4/8 map for CenterNet; it cannot be combined with extra levels.
+    Strides may repeat (a dilated backbone's layer3 and layer4 at stride 8): equal-size levels are
+    summed top-down as they are.
     """
 
     def __init__(

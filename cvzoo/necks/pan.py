@@ -9,14 +9,15 @@ from torch import Tensor, nn
 from cvzoo.layers import ActLayer, ConvNormAct, NormLayer
 from cvzoo.necks.fpn import FPN, ExtraLevels
 from cvzoo.necks.resize import match_size
-from cvzoo.types import FeatureInfo
+from cvzoo.types import FeatureInfo, check_feature_info, check_increasing_strides
 
 
 class PAN(nn.Module):
     """[(B, C_i, H_i, W_i)] high-res first -> [(B, out_channels, H_i, W_i)] (+ extra levels).
 
     N_0 = P_0; N_{i+1} = conv3x3(P_{i+1} + conv3x3_stride2(N_i)), as MMDetection's PAFPN. Extra
-    levels (max-pool or convs on the last output) come after the bottom-up path.
+    levels (max-pool or convs on the last output) come after the bottom-up path. Input strides must
+    strictly increase: the bottom-up path halves the resolution from one level to the next.
     """
 
     def __init__(
@@ -29,6 +30,7 @@ class PAN(nn.Module):
         act_layer: ActLayer | None = nn.ReLU,
     ) -> None:
         super().__init__()
+        check_increasing_strides(check_feature_info(feature_info), owner="PAN")
         if extra_levels < 0:
             raise ValueError(f"extra_levels must be >= 0, got {extra_levels}")
         if extra_mode not in ("conv", "maxpool"):

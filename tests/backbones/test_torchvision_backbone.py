@@ -167,3 +167,57 @@ def test_bad_return_layers_raise(return_layers):
 def test_missing_weights_file_raises(tmp_path):
     with pytest.raises(ValueError, match="missing_weights"):
         TorchvisionBackbone("resnet18", weights=tmp_path / "missing_weights.pth")
+
+
+def _perturb_norms(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def test_dilated_mobilenet_v3_matches_lraspp_backbone():
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    ref = _perturb_norms(lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)).backbone
+    backbone = TorchvisionBackbone("mobilenet_v3_large", return_layers=("features.4", "features.16"), dilated=True)
+    # torchvision's IntermediateLayerGetter over `features` names its children "0", "1", ...
+    backbone.body.load_state_dict({f"features_{k}": v for k, v in ref.state_dict().items()})
+    backbone.eval()
+    assert backbone.feature_info == (FeatureInfo(40, 8), FeatureInfo(960, 16))
+    assert backbone.signature.outputs == ("c3", "c4")
+    x = torch.randn(2, 3, 97, 75)
+    with torch.no_grad():
+        low, high = backbone(x)
+        want = ref(x)
+    torch.testing.assert_close(low, want["low"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(high, want["high"], rtol=1e-5, atol=1e-5)
+    assert low.shape[-2:] == (13, 10) and high.shape[-2:] == (7, 5)
+
+
+def test_dilated_defaults_take_the_strides_the_trunk_reaches():
+    backbone = TorchvisionBackbone("mobilenet_v3_large", dilated=True)
+    assert backbone.return_layers == ("features_6", "features_16")
+    assert backbone.feature_info == (FeatureInfo(40, 8), FeatureInfo(960, 16))
+    assert len(backbone.frozen_stage_modules()) == 4  # stride groups 2, 4, 8, 16
+
+
+def test_dilated_resnet_declares_real_strides_and_matches_torchvision():
+    replace = [False, True, True]
+    torch.manual_seed(0)
+    ref = _perturb_norms(torchvision.models.resnet50(replace_stride_with_dilation=replace))
+    backbone = TorchvisionBackbone("resnet50", return_layers=("layer3", "layer4"), replace_stride_with_dilation=replace)
+    backbone.body.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")})
+    backbone.eval()
+    assert backbone.feature_info == (FeatureInfo(1024, 8), FeatureInfo(2048, 8))
+    assert backbone.signature.outputs == ("c3", "c3_2")
+    x = torch.randn(1, 3, 61, 75)
+    with torch.no_grad():
+        feats = backbone(x)
+    for got, want in zip(feats, _reference_features(ref, ("layer3", "layer4"), x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

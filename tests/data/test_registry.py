@@ -16,12 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_table():
-    assert set(DATASETS) == {"shapes", "shapes-classification", "shapes-regression", "shapes-multitask", "digits",
-                             "voc", "voc-segmentation", "cifar10", "imagefolder", "coco"}
+    assert set(DATASETS) == {"shapes", "shapes-classification", "shapes-regression", "shapes-multitask",
+                             "shapes-segmentation", "digits", "voc", "voc-segmentation", "segmentation-folder",
+                             "cifar10", "imagefolder", "coco"}
     for name, entry in DATASETS.items():
         assert isinstance(entry, DatasetEntry) and entry.name == name and entry.task in TASKS and entry.description
-    assert {n for n, e in DATASETS.items() if e.needs_root} == {"voc", "voc-segmentation", "cifar10", "imagefolder",
-                                                                "coco"}
+    assert {n for n, e in DATASETS.items() if e.needs_root} == {"voc", "voc-segmentation", "segmentation-folder",
+                                                                "cifar10", "imagefolder", "coco"}
     assert list_datasets("multitask") == ["shapes-multitask"]
     assert list_datasets("detection") == ["shapes", "voc", "coco"]
     assert list_datasets() == list(DATASETS)

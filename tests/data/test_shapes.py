@@ -221,7 +221,7 @@ def test_empty_images_are_allowed():
 
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"split": "valid"}, "split"),
-    ({"task": "segmentation"}, "task"),
+    ({"task": "panoptic"}, "task"),
     ({"num_images": 0}, "num_images"),
     ({"image_size": 4}, "image_size"),
     ({"min_objects": -1}, "min_objects"),

@@ -131,12 +131,13 @@ def test_bifpn_repeats_and_fusion_arity():
     [
         (dict(feature_info=[]), "feature_info", "[]"),
         (dict(feature_info=[FeatureInfo(4, 16), FeatureInfo(8, 8)]), "feature_info", "[16, 8]"),
+        (dict(feature_info=[FeatureInfo(4, 8), FeatureInfo(8, 8)]), "BiFPN feature_info", "[8, 8]"),
         (dict(out_channels=0), "out_channels", "0"),
         (dict(num_repeats=0), "num_repeats", "0"),
         (dict(extra_levels=-1), "extra_levels", "-1"),
         (dict(feature_info=[FeatureInfo(4, 8)], extra_levels=0), "extra_levels", "0"),
     ],
-    ids=["empty", "decreasing", "out0", "repeats0", "extra-neg", "one-level"],
+    ids=["empty", "decreasing", "equal-strides", "out0", "repeats0", "extra-neg", "one-level"],
 )
 def test_bifpn_rejects_bad_constructor_args(kwargs, arg, value):
     kwargs = {"feature_info": INFO, "out_channels": 8, **kwargs}

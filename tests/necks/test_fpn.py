@@ -176,7 +176,6 @@ def test_extra_levels_maxpool_closed_form():
     [
         (dict(feature_info=[]), "feature_info"),
         (dict(feature_info=[FeatureInfo(4, 16), FeatureInfo(8, 8)]), "feature_info"),
-        (dict(feature_info=[FeatureInfo(4, 8), FeatureInfo(8, 8)]), "feature_info"),
         (dict(feature_info=[FeatureInfo(0, 8)]), "feature_info"),
         (dict(out_channels=0), "out_channels"),
         (dict(extra_levels=-1), "extra_levels"),
@@ -185,13 +184,29 @@ def test_extra_levels_maxpool_closed_form():
         (dict(extra_levels=0, extra_mode="avgpool"), "extra_mode"),
         (dict(extra_levels=1, extra_mode="maxpool", extra_source="input"), "extra_mode"),
     ],
-    ids=["empty", "decreasing", "equal-strides", "zero-channels", "out0", "extra-neg", "source",
+    ids=["empty", "decreasing", "zero-channels", "out0", "extra-neg", "source",
          "mode", "mode-unused", "maxpool-channels"],
 )
 def test_fpn_rejects_bad_constructor_args(kwargs, arg):
     kwargs = {"feature_info": _info(), "out_channels": OUT, **kwargs}
     with pytest.raises(ValueError, match=arg):
         FPN(**kwargs)
+
+
+def test_fpn_accepts_equal_strides_of_a_dilated_backbone():
+    # layer3 and layer4 of an output-stride-8 ResNet: the top-down sum needs no upsampling between them
+    torch.manual_seed(0)
+    info = [FeatureInfo(4, 4), FeatureInfo(6, 8), FeatureInfo(10, 8)]
+    fpn = FPN(info, OUT, norm_layer=None, act_layer=None, extra_levels=1)
+    assert fpn.feature_info == (FeatureInfo(OUT, 4), FeatureInfo(OUT, 8), FeatureInfo(OUT, 8), FeatureInfo(OUT, 16))
+    feats = _feats((4, 6, 10), ((25, 33), (13, 17), (13, 17)))
+    out = fpn(feats)
+    lat = [conv(f) for conv, f in zip(fpn.lateral, feats)]
+    p1 = lat[1] + lat[2]  # same size: nearest interpolation is the identity
+    torch.testing.assert_close(out[2], fpn.smooth[2](lat[2]))
+    torch.testing.assert_close(out[1], fpn.smooth[1](p1))
+    torch.testing.assert_close(out[0], fpn.smooth[0](lat[0] + F.interpolate(p1, size=(25, 33), mode="nearest")))
+    assert out[3].shape == (2, OUT, 7, 9)
 
 
 def test_extra_levels_rejects_unknown_mode():

@@ -49,11 +49,12 @@ def test_pan_extra_levels_come_from_last_bottom_up_output():
     [
         (dict(feature_info=[]), "feature_info"),
         (dict(feature_info=[FeatureInfo(4, 16), FeatureInfo(8, 8)]), "feature_info"),
+        (dict(feature_info=[FeatureInfo(4, 8), FeatureInfo(8, 8)]), r"PAN feature_info.*strictly increase.*\[8, 8\]"),
         (dict(out_channels=0), "out_channels"),
         (dict(extra_levels=-1), "extra_levels"),
         (dict(extra_levels=1, extra_mode="avgpool"), "extra_mode"),
     ],
-    ids=["empty", "decreasing", "out0", "extra-neg", "mode"],
+    ids=["empty", "decreasing", "equal-strides", "out0", "extra-neg", "mode"],
 )
 def test_pan_rejects_bad_constructor_args(kwargs, arg):
     kwargs = {"feature_info": INFO, "out_channels": 8, **kwargs}
