@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU session: the `cuda`-marked tests, then the detection benchmarks (dense, two-stage) on CUDA.
+# One-shot GPU session: the `cuda`-marked tests, then the detection (dense, two-stage) and segmentation benchmarks on CUDA.
 # Writes logs and JSON to ${OUT:-.}. Runs against the checkout (PYTHONPATH=.), using the
 # machine's own torch/torchvision/timm.
 set -uo pipefail
@@ -22,3 +22,6 @@ timeout 170 python3 benchmarks/detection.py --device cuda --step-only --compile 
 # two-stage: Faster / Mask R-CNN ResNet-50 FPN, eager fp32 both, batch 2 and 8 at 800 px
 timeout 150 python3 benchmarks/two_stage.py --device cuda --size 800 --batches 2 8 --repeats 5 \
   --json "$out/two_stage_cuda.json" 2>&1 | tee "$out/two_stage_cuda.txt"
+# segmentation: DeepLabV3 / FCN ResNet-50 at 512 px, eager fp32, bf16 and compiled, both models the same mode
+timeout 200 python3 benchmarks/segmentation.py --device cuda --modes eager bf16 compile --batches 8 --size 512 \
+  --repeats 10 --json "$out/segmentation_cuda.json" 2>&1 | grep -vi warn | tee "$out/segmentation_cuda.txt"

@@ -545,11 +545,24 @@ def save_prediction_picture(model: nn.Module, dataset: Any, path: Path, classes:
                             num_images: int = 8, score_thresh: float = 0.3) -> Path:
     """A grid of the first `num_images` images of `dataset` with the model's detections drawn (a segmenter:
     each pixel coloured by its predicted class)."""
-    from cvzoo.visualize import draw_detections, make_grid_image, save_image_png
+    from cvzoo.visualize import make_grid_image, save_image_png
 
     device = next(model.parameters()).device
     images = [dataset[i][0] for i in range(min(num_images, len(dataset)))]
     drawn = []
+    was_training = model.training
+    model.eval()  # one image at a time: batch statistics (BatchNorm in training mode) would not work
+    try:
+        _draw_predictions(model, images, device, classes, score_thresh, drawn)
+    finally:
+        model.train(was_training)
+    return save_image_png(make_grid_image(drawn, nrow=4), path)
+
+
+def _draw_predictions(model: nn.Module, images: list[Tensor], device: torch.device, classes: Sequence[str],
+                      score_thresh: float, drawn: list[Tensor]) -> None:
+    from cvzoo.visualize import draw_detections
+
     for image in images:
         pred = model.predict(model.signature.normalize(image[None].to(device)))
         if not isinstance(pred, list):  # a segmenter: its labels coloured over the image
@@ -562,7 +575,6 @@ def save_prediction_picture(model: nn.Module, dataset: Any, path: Path, classes:
         big = image.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
         drawn.append(draw_detections(big, det.boxes.cpu() * zoom, det.labels.cpu(), det.scores.cpu(),
                                      classes=list(classes), score_thresh=score_thresh, **drawable_extras(det, zoom)))
-    return save_image_png(make_grid_image(drawn, nrow=4), path)
 
 
 def read_image(path: str | Path) -> Tensor:

@@ -44,8 +44,11 @@ def segmentation_collate(batch: Sequence[tuple[Tensor, Tensor]], ignore_index: i
     for i, sample in enumerate(batch):
         if not (isinstance(sample, Sequence) and len(sample) == 2 and isinstance(sample[0], Tensor)
                 and isinstance(sample[1], Tensor) and sample[1].shape == sample[0].shape[-2:]):
+            got = (f"image {tuple(sample[0].shape)} and mask {tuple(sample[1].shape)}"
+                   if isinstance(sample, Sequence) and len(sample) == 2 and all(isinstance(t, Tensor) for t in sample)
+                   else type(sample).__name__)
             raise ValueError(f"batch[{i}] must be an (image (C, H, W), mask (H, W)) pair of tensors of the same "
-                             f"size, got {type(sample).__name__}")
+                             f"size, got {got}")
     h = max(im.shape[-2] for im, _ in batch)
     w = max(im.shape[-1] for im, _ in batch)
     images = torch.stack([torch.nn.functional.pad(im, (0, w - im.shape[-1], 0, h - im.shape[-2])) for im, _ in batch])

@@ -117,6 +117,8 @@ class FPNSegHead(nn.Module):
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         if len(feats) != len(self.stages):
             raise ValueError(f"FPNSegHead was built for {len(self.stages)} levels, got {len(feats)}")
+        for i, f in enumerate(self.feature_info):
+            _level(feats, i, f.channels, "FPNSegHead")
         target = feats[0].shape[-2:]
         out = None
         for f, blocks in zip(feats, self.stages):  # static level count
@@ -133,7 +135,8 @@ class FPNSegHead(nn.Module):
 class UNetDecoder(nn.Module):
     """U-Net decoder (Ronneberger et al. 2015) over every backbone level: from the deepest map up, upsample
     to the next level's size, concatenate its skip features, two 3x3 conv-norm-ReLU blocks; a 1x1 conv gives
-    the classes at the finest level's stride. `channels[i]` is the decoder width at level i.
+    the classes at the finest level's stride. `channels[i]` is the decoder width at level i, for every level
+    but the deepest (which only feeds the decoder): L - 1 widths.
     [(B, C_l, H_l, W_l)] -> (B, K, H_0, W_0)."""
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, channels: Sequence[int] | None = None,
@@ -141,9 +144,11 @@ class UNetDecoder(nn.Module):
         super().__init__()
         info = check_feature_info(feature_info, "UNetDecoder feature_info")
         _check("UNetDecoder", num_classes=num_classes)
-        channels = tuple(channels) if channels is not None else tuple(max(16, f.channels // 2) for f in info)
-        if len(channels) != len(info):
-            raise ValueError(f"channels needs one width per level ({len(info)}), got {channels}")
+        if len(info) < 2:
+            raise ValueError(f"UNetDecoder needs at least two levels, got {len(info)}")
+        channels = tuple(channels) if channels is not None else tuple(max(16, f.channels // 2) for f in info[:-1])
+        if len(channels) != len(info) - 1:
+            raise ValueError(f"channels needs one width per level but the deepest ({len(info) - 1}), got {channels}")
         _check("UNetDecoder channels", **{f"level_{i}": c for i, c in enumerate(channels)})
         self.feature_info, self.num_classes = info, num_classes
         self.blocks = nn.ModuleList()
@@ -158,6 +163,8 @@ class UNetDecoder(nn.Module):
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         if len(feats) != len(self.feature_info):
             raise ValueError(f"UNetDecoder was built for {len(self.feature_info)} levels, got {len(feats)}")
+        for i, f in enumerate(self.feature_info):
+            _level(feats, i, f.channels, "UNetDecoder")
         x = feats[-1]
         for block, skip in zip(self.blocks, reversed(feats[:-1])):
             x = block(torch.cat([_upsample(x, skip.shape[-2:]), skip], dim=1))

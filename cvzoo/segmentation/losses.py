@@ -21,13 +21,17 @@ def _probs_and_onehot(logits: Tensor, labels: Tensor, ignore_index: int) -> tupl
 
 
 def dice_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255, eps: float = 1.0) -> Tensor:
-    """Soft multi-class Dice loss: 1 - mean over classes present in the batch (in labels or predictions) of
-    (2 |P n Y| + eps) / (|P| + |Y| + eps), sums over the batch's valid pixels. -> scalar."""
+    """Soft multi-class Dice loss: 1 - mean over the classes present in the batch's labels of
+    (2 |P n Y| + eps) / (|P| + |Y| + eps), sums over the batch's valid pixels (a class absent from the labels
+    neither dilutes nor inflates the mean, as segmentation_models.pytorch's DiceLoss). -> scalar, 0 when no
+    valid pixel is labelled."""
     probs, onehot, valid = _probs_and_onehot(logits, labels, ignore_index)
     probs = probs * valid
     inter = (probs * onehot).sum(dim=(0, 2, 3))  # (K,)
-    total = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    return 1.0 - ((2 * inter + eps) / (total + eps)).mean()
+    gts = onehot.sum(dim=(0, 2, 3))
+    score = (2 * inter + eps) / (probs.sum(dim=(0, 2, 3)) + gts + eps).clamp(min=1e-12)
+    present = gts > 0
+    return torch.where(present, 1.0 - score, torch.zeros_like(score)).sum() / present.sum().clamp(min=1)
 
 
 def lovasz_softmax_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:

@@ -67,7 +67,8 @@ def test_metrics_equal_confusion_matrix_arithmetic():
     assert math.isnan(expected["iou"][3])  # absent from both: no IoU
     assert expected["iou"][4] == 0.0 and expected["iou"][2] == 0.0  # false positives only / misses only
     # the hand-counted values the arithmetic must give
-    assert expected["pixel_accuracy"] == pytest.approx(24 / 32)
+    assert expected["pixel_accuracy"] == pytest.approx(24 / 34)  # 34 valid pixels, 24 right
+    assert expected["iou"][0] == pytest.approx(11 / (14 + 16 - 11))  # 14 targets, 16 predictions, 11 both
     metrics = SegmentationMetrics(K)
     metrics.update(preds, targets)
     result = metrics.compute()
