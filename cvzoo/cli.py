@@ -63,9 +63,10 @@ def _settings(args: argparse.Namespace):
 def _print_metrics(metrics: dict) -> None:
     main = {k: v for k, v in metrics.items() if "/" not in k}
     print("  " + "  ".join(f"{k} {v:.4f}" for k, v in main.items()))
-    per_class = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("AP/")}
-    if per_class:
-        print("  AP per class: " + "  ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
+    for prefix in ("AP", "IoU"):
+        per_class = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{prefix}/")}
+        if per_class:
+            print(f"  {prefix} per class: " + "  ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
