@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -31,22 +29,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cvzoo.detection import FCOS, RetinaNet, TargetBatch
 from cvzoo.heads import DenseOutput, FCOSOutput
-from cvzoo.profiling import count_ops
+from cvzoo.profiling import count_ops, median_seconds
 
 
 def timeit(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, device, repeats, warmup)
 
 
 def build_pair(kind: str, depth: int, num_classes: int, size: int, device: str):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -23,24 +21,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.segmentation import deeplabv3_resnet50, fcn_resnet50, lraspp_mobilenet_v3_large
 
+from cvzoo.profiling import median_seconds
 from cvzoo.segmentation import Segmenter
 
 BUILDERS = {"deeplabv3": deeplabv3_resnet50, "fcn": fcn_resnet50, "lraspp": lraspp_mobilenet_v3_large}
 
 
 def timeit(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, device, repeats, warmup)
 
 
 def build_pair(name: str, num_classes: int, device: str):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -26,21 +24,11 @@ from torchvision.models.detection import MaskRCNN as TVMaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from cvzoo.detection import FasterRCNN, MaskRCNN
+from cvzoo.profiling import median_seconds
 
 
 def timeit(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, device, repeats, warmup)
 
 
 def build_pair(kind: str, depth: int, num_classes: int, size: int, device: str):

@@ -6,6 +6,8 @@ one kernel launch on CUDA, and every synchronisation stalls the host until the d
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -45,3 +47,20 @@ def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
     with OpCounter() as counter:
         fn()
     return counter.total, counter.syncs
+
+
+def median_seconds(fn: Callable[[], object], device: str = "cpu", repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones; on CUDA each call is
+    bracketed by synchronisations, so the time is the device's, not the launch's."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

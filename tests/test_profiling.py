@@ -22,3 +22,20 @@ def test_flags_host_device_synchronisations():
     assert count_ops(lambda: x[x > 0])[1] == 1  # boolean-mask indexing
     assert count_ops(lambda: x.nonzero())[1] == 1
     assert count_ops(lambda: torch.where(x > 0, x, 0.0))[1] == 0
+
+
+def test_median_seconds_takes_the_median_after_the_warmup():
+    from cvzoo.profiling import median_seconds
+
+    calls = []
+    durations = iter([0.5, 0.5, 0.0, 0.03, 0.01])  # two warm-up calls (slow), then three timed ones
+
+    def fn():
+        import time
+
+        calls.append(1)
+        time.sleep(next(durations))
+
+    t = median_seconds(fn, repeats=3, warmup=2)
+    assert len(calls) == 5
+    assert 0.01 <= t < 0.03  # the median of (0.0, 0.03, 0.01) plus timer overhead; the warm-ups do not count

@@ -17,40 +17,15 @@ from torch import Tensor, nn
 
 from cvzoo.augment._kornia import kornia_augmentation
 from cvzoo.augment._targets import check_images, check_size
-from cvzoo.augment.presets import _check_preset
+from cvzoo.augment.presets import _check_preset, detection_transforms
 
 MASK_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def segmentation_transforms(preset: str, size: tuple[int, int], hflip: bool = True) -> list[nn.Module]:
-    """The kornia modules of a segmentation preset; the first (geometric) step outputs `size` (H, W).
-
-    Geometric steps pad with zeros (kornia's default; `SegmentationAugment` turns it into `ignore_index` on masks).
-    """
-    _check_preset(preset)
-    ka = kornia_augmentation()
-    ops: list[nn.Module] = []
-    if preset == "light":
-        ops.append(ka.Resize(size, align_corners=False))
-    else:
-        crop_scale = (0.3, 1.0) if preset == "medium" else (0.1, 1.0)
-        ops.append(ka.RandomResizedCrop(size, scale=crop_scale, ratio=(0.5, 2.0), align_corners=False))
-    if hflip:
-        ops.append(ka.RandomHorizontalFlip(p=0.5))
-    if preset == "light":
-        ops += [
-            ka.RandomAffine(0.0, translate=(0.05, 0.05), scale=(0.9, 1.1), padding_mode="zeros", p=0.5),
-            ka.ColorJitter(0.2, 0.2, 0.2, 0.0, p=0.5),
-        ]
-    elif preset == "medium":
-        ops += [ka.RandomRotation(10.0, p=0.5), ka.ColorJitter(0.3, 0.3, 0.3, 0.0, p=0.8)]
-    else:
-        ops += [
-            ka.RandomAffine(30.0, translate=(0.1, 0.1), scale=(0.75, 1.25), padding_mode="zeros", p=0.7),
-            ka.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
-            ka.RandomGrayscale(p=0.1),
-        ]
-    return ops
+    """The kornia modules of a segmentation preset: the detection preset's (rigid geometric steps, the first
+    outputs `size` (H, W); they pad with zeros, which `SegmentationAugment` turns into `ignore_index` on masks)."""
+    return detection_transforms(preset, size, hflip)
 
 
 class SegmentationTransform(nn.Module):
