@@ -75,6 +75,11 @@ def bench(name: str, batch: int, mode: str, args, results: list) -> None:
             return our_forward(images).logits
 
     row = {"model": name, "batch": batch, "size": args.size, "mode": mode, "device": device}
+    # same weights, same logits: checked before timing (training steps update batch-norm statistics through
+    # different dropout masks, after which eval-mode logits differ)
+    tv.eval()
+    ours.eval()
+    row["max_abs_logit_diff"] = float((tv_infer().float() - our_infer().float()).abs().max())
     for kind, tv_fn, our_fn, train in (("step", tv_step, our_step, True), ("infer", tv_infer, our_infer, False)):
         tv.train(train)
         ours.train(train)
@@ -85,9 +90,6 @@ def bench(name: str, batch: int, mode: str, args, results: list) -> None:
             if device == "cuda":
                 row[f"{kind}_{label}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row[f"{kind}_speedup"] = row[f"{kind}_torchvision_s"] / row[f"{kind}_cvzoo_s"]
-    tv.eval()
-    ours.eval()
-    row["max_abs_logit_diff"] = float((tv_infer().float() - our_infer().float()).abs().max())
     results.append(row)
     print(f"{name:>9} {mode:>7} batch {batch:>2} {args.size} px | step tv {row['step_torchvision_s'] * 1e3:8.1f} ms "
           f"cvzoo {row['step_cvzoo_s'] * 1e3:8.1f} ms speedup {row['step_speedup']:.2f} | infer tv "
