@@ -192,3 +192,22 @@ def test_explain_writes_overlays_from_a_run_and_from_a_checkpoint(tmp_path, caps
     assert "needs -m" in capsys.readouterr().err
     assert main(["explain", str(image_path), "-m", "fcos_micro", "--checkpoint", str(out / "model.safetensors")]) == 2
     assert "belongs to a 'resnet_micro_classifier' run" in capsys.readouterr().err
+
+
+def test_flip_moves_masks_and_swaps_left_right_keypoints():
+    from cvzoo.experiment import _flip_detection
+
+    w = 10
+    images = torch.zeros(2, 3, 4, w)
+    mask = torch.zeros(1, 4, w, dtype=torch.bool)
+    mask[0, 1:3, 1:4] = True  # columns 1-3
+    kp = torch.tensor([[[2.0, 1, 1], [4, 2, 1], [2, 3, 1], [1, 2, 1]]])  # top, right, bottom, left
+    target = {"boxes": torch.tensor([[1.0, 1, 4, 3]]), "labels": torch.tensor([0]), "masks": mask, "keypoints": kp}
+    flipped, kept = _flip_detection(images, [target, target], torch.tensor([True, False]), keypoint_flip=(0, 3, 2, 1))
+    assert kept is target  # an image that is not flipped keeps its targets
+    assert torch.equal(flipped["boxes"], torch.tensor([[6.0, 1, 9, 3]]))
+    assert torch.equal(flipped["masks"][0, 1, 6:9], torch.ones(3, dtype=torch.bool)) and flipped["masks"].sum() == 6
+    # x -> w - x, then right and left swap places: the new right point is the old left one, mirrored
+    assert torch.equal(flipped["keypoints"], torch.tensor([[[8.0, 1, 1], [9, 2, 1], [8, 3, 1], [6, 2, 1]]]))
+    with pytest.raises(ValueError, match="keypoint_flip"):
+        _flip_detection(images, [target], torch.tensor([True]))
