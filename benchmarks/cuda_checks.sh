@@ -1,27 +1,42 @@
 #!/usr/bin/env bash
-# One-shot GPU session: the `cuda`-marked tests, then the detection (dense, two-stage) and segmentation benchmarks on CUDA.
-# Writes logs and JSON to ${OUT:-.}. Runs against the checkout (PYTHONPATH=.), using the
-# machine's own torch/torchvision/timm.
+# One-shot GPU session: the `cuda`-marked tests, then CUDA benchmarks. The parts fit one device call each
+# (at most about 8 minutes of timeouts); pick them by argument, most urgent first:
+#   bash benchmarks/cuda_checks.sh dense          # issue 3's figures: loss/post grid and R18/R50 steps (~560 s)
+#   bash benchmarks/cuda_checks.sh two_stage seg  # Faster/Mask R-CNN and segmentation grids (~300 s)
+# Writes logs and JSON to ${OUT:-.}. Runs against the checkout (PYTHONPATH=.), using the machine's own
+# torch/torchvision/timm.
 set -uo pipefail
 out=${OUT:-.}
+parts=${*:-dense}
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
   | tee -a "$out/gpu.txt"
 timeout 70 python3 -m pytest tests/test_devices.py -m cuda -q -p no:cacheprovider 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
-# loss / post-processing grid, eager
-timeout 130 python3 benchmarks/detection.py --device cuda --no-step --repeats 10 \
-  --json "$out/det_cuda_eager.json" 2>&1 | tee "$out/det_cuda_eager.txt"
-# full training steps: cvzoo compiled + bf16 + channels_last vs torchvision eager fp32
-timeout 190 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
-  --skip-explain --models retinanet --step-sizes 320 --step-batches 16 --step-repeats 10 --json "$out/det_cuda_step_r18.json" 2>&1 \
-  | grep -vi warn | tee "$out/det_cuda_step_r18.txt"
-timeout 170 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
-  --skip-explain --depth 50 --models retinanet --step-sizes 1333 --step-height 800 --step-batches 4 --step-repeats 5 \
-  --json "$out/det_cuda_step_r50.json" 2>&1 | grep -vi warn | tee "$out/det_cuda_step_r50.txt"
-# two-stage: Faster / Mask R-CNN ResNet-50 FPN, eager fp32 both, batch 2 and 8 at 800 px
-timeout 150 python3 benchmarks/two_stage.py --device cuda --size 800 --batches 2 8 --repeats 5 \
-  --json "$out/two_stage_cuda.json" 2>&1 | tee "$out/two_stage_cuda.txt"
-# segmentation: DeepLabV3 / FCN ResNet-50 at 512 px, eager fp32, bf16 and compiled, both models the same mode
-timeout 200 python3 benchmarks/segmentation.py --device cuda --modes eager bf16 compile --batches 8 --size 512 \
-  --repeats 10 --json "$out/segmentation_cuda.json" 2>&1 | grep -vi warn | tee "$out/segmentation_cuda.txt"
+for part in $parts; do
+  case $part in
+    dense)
+      # loss / post-processing grid, eager
+      timeout 130 python3 benchmarks/detection.py --device cuda --no-step --repeats 10 \
+        --json "$out/det_cuda_eager.json" 2>&1 | tee "$out/det_cuda_eager.txt"
+      # full training steps: cvzoo compiled + bf16 + channels_last vs torchvision eager fp32
+      timeout 190 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
+        --skip-explain --models retinanet --step-sizes 320 --step-batches 16 --step-repeats 10 \
+        --json "$out/det_cuda_step_r18.json" 2>&1 | grep -vi warn | tee "$out/det_cuda_step_r18.txt"
+      timeout 170 python3 benchmarks/detection.py --device cuda --step-only --compile --amp bf16 --channels-last \
+        --skip-explain --depth 50 --models retinanet --step-sizes 1333 --step-height 800 --step-batches 4 \
+        --step-repeats 5 --json "$out/det_cuda_step_r50.json" 2>&1 | grep -vi warn | tee "$out/det_cuda_step_r50.txt"
+      ;;
+    two_stage)
+      # Faster / Mask R-CNN ResNet-50 FPN, eager fp32 both, batch 2 and 8 at 800 px
+      timeout 120 python3 benchmarks/two_stage.py --device cuda --size 800 --batches 2 8 --repeats 5 \
+        --json "$out/two_stage_cuda.json" 2>&1 | tee "$out/two_stage_cuda.txt"
+      ;;
+    seg)
+      # DeepLabV3 / FCN ResNet-50 at 512 px, eager fp32 and bf16 (add --modes compile when time allows)
+      timeout 110 python3 benchmarks/segmentation.py --device cuda --modes eager bf16 --batches 8 --size 512 \
+        --repeats 10 --json "$out/segmentation_cuda.json" 2>&1 | grep -vi warn | tee "$out/segmentation_cuda.txt"
+      ;;
+    *) echo "unknown part $part (dense, two_stage, seg)" >&2 ;;
+  esac
+done
