@@ -80,6 +80,6 @@ class FCOS(DenseDetector):
             dist = torch.gather(out.box_distances.float(), 1, idx[..., None].expand(-1, -1, 4))
             return self.box_coder.decode(dist, points[idx], strides[idx])
 
-        scores = torch.sqrt(torch.sigmoid(out.cls_logits.float()) * torch.sigmoid(out.centerness.float()))
-        return batched_postprocess(scores, decode, [h * w for h, w in sizes], image_sizes, score_thresh, nms_thresh,
-                                   topk_candidates, max_detections)
+        # scores sqrt(sigmoid(class) * sigmoid(centre-ness)), computed for the selected pairs only
+        return batched_postprocess(out.cls_logits, decode, [h * w for h, w in sizes], image_sizes, score_thresh,
+                                   nms_thresh, topk_candidates, max_detections, prior_logits=out.centerness[..., 0])

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
@@ -88,7 +89,7 @@ def rank_within_groups(groups: Tensor, num_groups: int) -> tuple[Tensor, Tensor]
 
 def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: float, topk_candidates: int,
                 to_probability: Callable[[Tensor], Tensor] | None = None,
-                raw_thresh: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                raw_thresh: float | None = None, prior_logits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(B, R, K) class scores -> per image the `topk_candidates` best (prior, class) pairs of each level.
 
     Returns scores (B, N), prior indices (B, N), labels (B, N), N = sum_l min(topk, R_l * K). Pairs at or
@@ -104,6 +105,12 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
     threshold in the units of `scores`) is given: then each level takes only as many priors as the
     image with the most priors above it has (one synchronisation a level; for CPU, where a sparse
     level then costs one max pass and nothing more).
+
+    `prior_logits` (B, R): `scores` are class logits and a pair's score is sqrt(sigmoid(class logit) *
+    sigmoid(prior logit)) (FCOS's and ATSS's centre-ness weighting). Pairs are then ranked by
+    logsigmoid(class) + logsigmoid(prior), the log of the squared score, computed for the k x K gathered
+    pairs only: the full (B, R, K) score tensor is never materialised. Returned scores are the
+    probabilities; `raw_thresh` is in units of that key.
     """
     b, _, k = scores.shape
     out_s, out_i = [], []
@@ -112,17 +119,25 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
         level = scores[:, start:start + n]  # (B, n, K)
         level = level if level.dtype == torch.float32 else level.float()  # bf16 would tie many scores
         best_of_prior = level.amax(dim=2)  # (B, n)
+        if prior_logits is not None:  # the key is monotone in the class logit: the best class stays the best
+            bias = F.logsigmoid(prior_logits[:, start:start + n].float())  # (B, n)
+            best_of_prior = F.logsigmoid(best_of_prior) + bias
         m = min(topk_candidates, n)
         if raw_thresh is not None:
             m = min(m, int((best_of_prior > raw_thresh).sum(dim=1).max()))
         _, priors = best_of_prior.topk(m, dim=1, sorted=False)  # (B, m)
-        pairs = torch.gather(level, 1, priors[..., None].expand(-1, -1, k)).reshape(b, -1)  # (B, m*K)
+        pairs = torch.gather(level, 1, priors[..., None].expand(-1, -1, k))  # (B, m, K)
+        if prior_logits is not None:
+            pairs = F.logsigmoid(pairs) + torch.gather(bias, 1, priors)[..., None]
+        pairs = pairs.reshape(b, -1)  # (B, m*K)
         top_s, j = pairs.topk(min(topk_candidates, m * k), dim=1, sorted=False)
         out_s.append(top_s)
         out_i.append((torch.gather(priors, 1, torch.div(j, k, rounding_mode="floor")) + start) * k + j % k)
         start += n
     top_scores, flat = torch.cat(out_s, dim=1), torch.cat(out_i, dim=1)
-    if to_probability is not None:
+    if prior_logits is not None:
+        top_scores = torch.exp(0.5 * top_scores)  # sqrt(sigmoid(class) * sigmoid(prior))
+    elif to_probability is not None:
         top_scores = to_probability(top_scores.float())
     top_scores = torch.where(top_scores > score_thresh, top_scores, torch.full_like(top_scores, -1.0))
     return top_scores, torch.div(flat, k, rounding_mode="floor"), flat % k
@@ -138,19 +153,24 @@ def batched_postprocess(
     topk_candidates: int,
     max_detections: int,
     to_probability: Callable[[Tensor], Tensor] | None = None,
+    prior_logits: Tensor | None = None,
 ) -> list[Detections]:
-    """scores (B, R, K) probabilities (or logits with `to_probability=torch.sigmoid`); `decode(prior_idx
+    """scores (B, R, K) probabilities (or logits with `to_probability=torch.sigmoid`, or class logits scored
+    sqrt(sigmoid(class) * sigmoid(prior)) with `prior_logits` (B, R), see `select_topk`); `decode(prior_idx
     (B, N)) -> (B, N, 4)` xyxy boxes of those priors; image_sizes (B, 2) (H, W) of each unpadded image
     -> one Detections per image, best first.
     """
     b, _, k = scores.shape
     raw_thresh = None  # the threshold in the units of `scores`, to shrink the top-k on CPU
-    if not scores.is_cuda and to_probability is None:
+    if prior_logits is not None:
+        if not scores.is_cuda and 0 < score_thresh < 1:
+            raw_thresh = 2 * math.log(score_thresh)  # key = log(score ** 2)
+    elif not scores.is_cuda and to_probability is None:
         raw_thresh = score_thresh
     elif not scores.is_cuda and to_probability is torch.sigmoid and 0 < score_thresh < 1:
         raw_thresh = math.log(score_thresh / (1 - score_thresh))
     top_scores, prior_idx, labels = select_topk(scores, num_per_level, score_thresh, topk_candidates,
-                                                to_probability, raw_thresh)
+                                                to_probability, raw_thresh, prior_logits)
     best, order = torch.sort(top_scores, dim=1, descending=True, stable=True)  # (B, N) best first
     valid = best > score_thresh
     num_valid = valid.sum(dim=1)

@@ -155,6 +155,6 @@ class ATSS(RetinaNet):
             deltas = torch.gather(out.box_deltas.float(), 1, idx[..., None].expand(-1, -1, 4))
             return self.box_coder.decode(deltas, anchors[idx])
 
-        scores = torch.sqrt(torch.sigmoid(out.cls_logits.float()) * torch.sigmoid(out.centerness.float()))
-        return batched_postprocess(scores, decode, self.num_per_level(sizes), image_sizes, score_thresh, nms_thresh,
-                                   topk_candidates, max_detections)
+        # scores sqrt(sigmoid(class) * sigmoid(centre-ness)), computed for the selected pairs only
+        return batched_postprocess(out.cls_logits, decode, self.num_per_level(sizes), image_sizes, score_thresh,
+                                   nms_thresh, topk_candidates, max_detections, prior_logits=out.centerness[..., 0])

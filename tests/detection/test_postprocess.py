@@ -225,3 +225,41 @@ def test_grouped_nms_equals_torchvision_batched_nms(threshold):
     assert torch.equal(got.sort().values, ref.sort().values)
     assert torch.all(scores[got][1:] <= scores[got][:-1])  # best first
     assert grouped_nms(boxes, scores, groups, threshold, max_elements=10) is None  # over budget: caller falls back
+
+
+def _centerness_case():
+    anchors, num_per_level, _, deltas = _setup(seed=3)
+    g = torch.Generator().manual_seed(7)
+    cls_logits = torch.randn(3, anchors.shape[0], 4, generator=g) * 2 - 1
+    ctr_logits = torch.randn(3, anchors.shape[0], generator=g)
+    scores = torch.sqrt(torch.sigmoid(cls_logits) * torch.sigmoid(ctr_logits)[..., None])  # the materialised scores
+    return anchors, num_per_level, deltas, cls_logits, ctr_logits, scores
+
+
+def test_prior_logits_detections_equal_the_reference_on_materialised_scores():
+    """FCOS/ATSS scoring from logits (`prior_logits`, CPU path with the threshold shrink): the same detections
+    as the per-image reference run on sqrt(sigmoid(class) * sigmoid(centre-ness))."""
+    anchors, num_per_level, deltas, cls_logits, ctr_logits, scores = _centerness_case()
+    image_sizes = torch.tensor([[64, 64]] * 3)
+    dets = batched_postprocess(cls_logits, _decoder(deltas, anchors), num_per_level, image_sizes, 0.3, 0.5, 40, 30,
+                               prior_logits=ctr_logits)
+    ref = _reference(scores, deltas, anchors, num_per_level, image_sizes, 0.3, 0.5, 40, 30)
+    assert all(d.scores.numel() > 0 for d in dets)
+    for i in range(3):
+        _assert_same(dets[i], ref[i])
+
+
+def test_prior_logits_select_the_same_pairs_without_the_threshold_shrink():
+    """The fixed-shape path (no `raw_thresh`, as on CUDA) picks the same (prior, class) pairs with the same
+    scores as a top-k over the materialised scores."""
+    _, num_per_level, _, cls_logits, ctr_logits, scores = _centerness_case()
+    top, idx, labels = select_topk(cls_logits, num_per_level, 0.3, 40, prior_logits=ctr_logits)
+    ref_top, ref_idx, ref_labels = select_topk(scores, num_per_level, 0.3, 40)
+    kept = ref_top > 0
+    assert torch.equal(top > 0, kept) and kept.sum() > 0
+    for i in range(3):
+        ours = sorted(zip(idx[i][kept[i]].tolist(), labels[i][kept[i]].tolist(), top[i][kept[i]].tolist()))
+        theirs = sorted(zip(ref_idx[i][kept[i]].tolist(), ref_labels[i][kept[i]].tolist(),
+                            ref_top[i][kept[i]].tolist()))
+        assert [o[:2] for o in ours] == [t[:2] for t in theirs]
+        torch.testing.assert_close(torch.tensor([o[2] for o in ours]), torch.tensor([t[2] for t in theirs]))
