@@ -73,9 +73,11 @@ class RegionProposalNetwork(nn.Module):
         if anchor_generator.num_anchors != head.num_anchors:
             raise ValueError(f"anchor_generator gives {anchor_generator.num_anchors} anchors a location but the "
                              f"RPN head predicts {head.num_anchors}")
-        for name in ("batch_size_per_image", "pre_nms_top_n_train", "post_nms_top_n_train", "pre_nms_top_n_test",
-                     "post_nms_top_n_test"):
-            _positive_int(name, locals()[name])
+        counts = {"batch_size_per_image": batch_size_per_image, "pre_nms_top_n_train": pre_nms_top_n_train,
+                  "post_nms_top_n_train": post_nms_top_n_train, "pre_nms_top_n_test": pre_nms_top_n_test,
+                  "post_nms_top_n_test": post_nms_top_n_test}
+        for name, value in counts.items():
+            _positive_int(name, value)
         if not 0.0 < nms_thresh <= 1.0:
             raise ValueError(f"nms_thresh must lie in (0, 1], got {nms_thresh}")
         if not 0.0 <= positive_fraction <= 1.0:
