@@ -9,6 +9,8 @@ checkpoints with bit-identical resume, SIGTERM handling, tracking and a progress
         backward(losses["loss"] / n_micro)          # DDP no_sync() on all but the last micro-batch
     skip the update if any micro-batch loss is non-finite, else (unscale, clip,) optimizer.step()
     zero_grad; scheduler.step(); ema.update(model)
+
+Models trained by several optimizers in turn (GANs) declare their phases; see `Trainer`'s docstring.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped after `max_nonfinite` non-finite losses in a row."""
 
 
+def _model_phases(model: nn.Module) -> tuple[str, ...]:
+    """The model's optimisation phases (the `phases` attribute), validated; () for a plain model."""
+    phases = getattr(model, "phases", ())
+    if not phases:
+        return ()
+    if isinstance(phases, str) or not all(isinstance(p, str) for p in phases) or len(set(phases)) != len(phases):
+        raise ValueError(f"model.phases must be a tuple of distinct phase names, got {phases!r}")
+    if not callable(getattr(model, "configure_optimizers", None)):
+        raise ValueError(f"a model with phases {tuple(phases)} needs a configure_optimizers(lr, weight_decay) "
+                         f"method returning {{phase: optimizer}}")
+    return tuple(phases)
+
+
 class LossModule(nn.Module):
     """`forward(inputs, targets) = model.loss(inputs, targets)`: the loss through a forward, so that DDP's
     gradient-sync hooks, FSDP's and torch.compile see the whole training computation."""
@@ -68,8 +83,10 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: Any, targets: Any) -> dict[str, Tensor]:
-        return self.model.loss(inputs, targets)
+    def forward(self, inputs: Any, targets: Any, phase: str | None = None) -> dict[str, Tensor]:
+        if phase is None:
+            return self.model.loss(inputs, targets)
+        return self.model.loss(inputs, targets, phase=phase)
 
 
 def default_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -135,6 +152,18 @@ class Trainer:
       and the progress bar; `eval_every`: evaluate every that many steps instead of at each epoch end.
     - `progress`: a tqdm bar on rank 0. `seed`: seeds Python, NumPy and torch (seed + rank) at the start of a
       fresh run, and the data order (see `cvzoo.train.data`).
+
+    Optimisation phases (the hook for GANs and other models trained by alternating optimizers): a model
+    with a `phases` attribute, a tuple of names such as `("discriminator", "generator")`, and a
+    `configure_optimizers(lr, weight_decay) -> {phase: optimizer}` method is trained phase by phase. Every
+    step runs, for each phase in order, `model.loss(inputs, targets, phase=name)` on the same batch, its
+    backward (after clearing every gradient, so one phase's backward never leaks into another's update),
+    and that phase's optimizer update, then advances each phase's schedule once. The returned terms are
+    logged together, "loss" being the sum of the phases' losses (name the other terms distinctly). A phase
+    with a non-finite loss skips its own update. `optimizer` may then be a callable `model -> {phase:
+    optimizer}`; `grad_accum` must be 1, and `strategy="fsdp"` is refused. Under DDP,
+    `find_unused_parameters` defaults to True (a phase may leave the other phases' parameters unused).
+    Evaluation and the save/load check call `model.loss(inputs, targets)` without a phase.
 
     After `fit`, `history` holds every logged record (`{"step": ..., "train/loss": ..., "lr": ...}` and
     `{"step": ..., "val/...": ...}`), `step` / `epoch` the position, `interrupted` whether SIGTERM stopped it.
@@ -226,8 +255,21 @@ class Trainer:
         self.seed = seed
         self.ddp_kwargs = dict(ddp_kwargs or {})
 
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the first phase's, when the model has phases
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.phases: tuple[str, ...] = _model_phases(model)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}  # phase -> optimizer (phased models only)
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
+        if self.phases:
+            if grad_accum != 1:
+                raise ValueError(f"grad_accum={grad_accum} is not supported for a model trained in phases "
+                                 f"{self.phases}; use grad_accum=1 (and a larger batch)")
+            if self.strategy == "fsdp":
+                raise ValueError(f"strategy='fsdp' is not supported for a model trained in phases {self.phases}")
+            if isinstance(optimizer, torch.optim.Optimizer):
+                raise ValueError(f"a model trained in phases {self.phases} needs one optimizer per phase: pass "
+                                 f"optimizer as a callable model -> {{phase: optimizer}} or None (the model's "
+                                 f"configure_optimizers), not one optimizer")
         self.scaler: torch.amp.GradScaler | None = None
         self.ema: ModelEMA | None = None
         self.history: list[dict[str, float]] = []
@@ -338,7 +380,9 @@ class Trainer:
             self._check_round_trip(loader)
         if self.strategy == "fsdp":
             D.shard_fsdp(self.model)
-        if isinstance(self.optimizer_arg, torch.optim.Optimizer):
+        if self.phases:
+            self._setup_phases(total)
+        elif isinstance(self.optimizer_arg, torch.optim.Optimizer):
             self.optimizer = self.optimizer_arg
         elif self.optimizer_arg is not None:
             self.optimizer = self.optimizer_arg(self.model)
@@ -347,15 +391,35 @@ class Trainer:
                                  f"got {type(self.optimizer).__name__}")
         else:
             self.optimizer = default_optimizer(self.model, self.lr, self.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, self.schedule, total_steps=total,
-                                         warmup_steps=self.warmup_steps)
+        if not self.phases:
+            self.scheduler = build_scheduler(self.optimizer, self.schedule, total_steps=total,
+                                             warmup_steps=self.warmup_steps)
         if self.amp == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def _setup_phases(self, total: int | None) -> None:
+        """One optimizer and one schedule per phase, from the `optimizer` callable or the model's
+        `configure_optimizers(lr, weight_decay)`."""
+        made = self.optimizer_arg(self.model) if self.optimizer_arg is not None \
+            else self.model.configure_optimizers(self.lr, self.weight_decay)
+        if not isinstance(made, Mapping) or list(made) != list(self.phases) \
+                or not all(isinstance(o, torch.optim.Optimizer) for o in made.values()):
+            got = {k: type(v).__name__ for k, v in made.items()} if isinstance(made, Mapping) else made
+            raise ValueError(f"the optimizers of a model trained in phases must be a dict {{phase: optimizer}} "
+                             f"with keys {list(self.phases)} in that order, got {got!r}")
+        self.optimizers = dict(made)
+        self.schedulers = {p: build_scheduler(o, self.schedule, total_steps=total, warmup_steps=self.warmup_steps)
+                           for p, o in self.optimizers.items()}
+        self.optimizer = self.optimizers[self.phases[0]]
+        self.scheduler = self.schedulers[self.phases[0]]
 
     def _wrap(self) -> None:
         wrapped: nn.Module = LossModule(self.model)
         if self.strategy == "ddp":
-            wrapped = D.wrap_ddp(wrapped, self.device, **self.ddp_kwargs)
+            kwargs = dict(self.ddp_kwargs)
+            if self.phases:  # a phase may leave parameters unused (a GAN's generator in the discriminator phase)
+                kwargs.setdefault("find_unused_parameters", True)
+            wrapped = D.wrap_ddp(wrapped, self.device, **kwargs)
         self._wrapped = wrapped
         if self.compile:
             kwargs = dict(self.compile) if isinstance(self.compile, Mapping) else {}
@@ -428,10 +492,13 @@ class Trainer:
     def _restore(self, ckpt: dict[str, Any]) -> dict[str, Any] | None:
         """Loads a checkpoint's states; returns this rank's RNG state, restored once the epoch's data
         iterator is in place (creating it may draw random numbers the interrupted run drew before)."""
-        D.load_full_state(self.model, self.optimizer, self.strategy, strip_wrapper_prefixes(ckpt["model"]),
-                          ckpt.get("optimizer"))
-        if ckpt.get("scheduler") is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.phases:
+            self._restore_phases(ckpt)
+        else:
+            D.load_full_state(self.model, self.optimizer, self.strategy, strip_wrapper_prefixes(ckpt["model"]),
+                              ckpt.get("optimizer"))
+            if ckpt.get("scheduler") is not None:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema_decay is not None:
@@ -461,17 +528,34 @@ class Trainer:
             return rngs[0]
         return rngs[self.info.rank]
 
+    def _restore_phases(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
+        optimizers, schedulers = ckpt.get("optimizer") or {}, ckpt.get("scheduler") or {}
+        if not isinstance(optimizers, Mapping) or set(optimizers) - set(self.phases):
+            raise CheckpointError(f"the checkpoint's optimizer state is not one per phase {list(self.phases)}: "
+                                  f"was it written for another model?")
+        for phase in self.phases:
+            if phase in optimizers:
+                self.optimizers[phase].load_state_dict(optimizers[phase])
+            if phase in schedulers:
+                self.schedulers[phase].load_state_dict(schedulers[phase])
+
     # ---- checkpoints ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (collective under DDP/FSDP: call on every rank; complete on rank 0)."""
         model_state = D.full_model_state(self.model, self.strategy)
-        optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.strategy)
+        if self.phases:
+            optimizer_state = {p: o.state_dict() for p, o in self.optimizers.items()}
+            scheduler_state = {p: sch.state_dict() for p, sch in self.schedulers.items()}
+        else:
+            optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.strategy)
+            scheduler_state = self.scheduler.state_dict()
         rngs = D.gather_objects(capture_rng_state())
         return {
             "model": strip_wrapper_prefixes(model_state),
             "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": scheduler_state,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "step": self.step,
@@ -521,11 +605,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
 
-    def _micro_step(self, batch: Any, scale: float, sync: bool) -> tuple[dict[str, Tensor], int]:
-        inputs, targets = self._prepare(batch)
+    def _micro_step(self, batch: Any, scale: float, sync: bool, phase: str | None = None,
+                    prepared: tuple[Any, Any] | None = None) -> tuple[dict[str, Tensor], int]:
+        inputs, targets = prepared if prepared is not None else self._prepare(batch)
         with D.set_gradient_sync(self._wrapped if self.strategy == "ddp" else self.model, self.strategy, sync):
             with self._autocast():
-                losses = self._forward(inputs, targets)
+                losses = self._forward(inputs, targets) if phase is None else self._forward(inputs, targets, phase)
             if not isinstance(losses, Mapping) or not isinstance(losses.get("loss"), Tensor):
                 raise ValueError(f"model.loss must return a dict of scalar tensors with the total under 'loss', "
                                  f"got {type(losses).__name__}"
@@ -537,43 +622,101 @@ class Trainer:
                 loss.backward()
         return {k: v.detach().float() for k, v in losses.items()}, batch_size_of(inputs)
 
-    def _optimizer_step(self, nonfinite: bool, terms: Mapping[str, Tensor]) -> Tensor | None:
-        """Updates (or skips, for a non-finite loss) and advances the schedule; returns the gradient norm."""
-        grad_norm = None
-        if nonfinite:
-            self._nonfinite_in_row += 1
-            values = {k: float(v) for k, v in terms.items()}
-            logger.warning("non-finite loss at step %d (%d in a row, limit %d): %s; optimizer step skipped",
-                           self.step, self._nonfinite_in_row, self.max_nonfinite, values)
-            if self.scaler is not None:  # most likely an fp16 overflow: back off as the scaler would
-                self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
-            if self._nonfinite_in_row >= self.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self._nonfinite_in_row} non-finite losses in a row (max_nonfinite={self.max_nonfinite}), "
-                    f"the last at step {self.step}: {values}. Lower the learning rate, add warmup or clipping, "
-                    f"or check the data and the loss")
-        else:
+    def _count_nonfinite(self, nonfinite: bool, terms: Mapping[str, Tensor], what: str = "optimizer step") -> None:
+        """Counts non-finite steps in a row (warning for each) and raises after `max_nonfinite`."""
+        if not nonfinite:
             self._nonfinite_in_row = 0
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            if self.scaler is not None:
-                if self.clip_grad_norm is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                if self.clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-                self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped first step makes LambdaLR warn about the call order
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            self.scheduler.step()
+            return
+        self._nonfinite_in_row += 1
+        values = {k: float(v) for k, v in terms.items()}
+        logger.warning("non-finite loss at step %d (%d in a row, limit %d): %s; %s skipped", self.step,
+                       self._nonfinite_in_row, self.max_nonfinite, values, what)
+        if self._nonfinite_in_row >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_row} non-finite losses in a row (max_nonfinite={self.max_nonfinite}), "
+                f"the last at step {self.step}: {values}. Lower the learning rate, add warmup or clipping, "
+                f"or check the data and the loss")
+
+    def _update(self, optimizer: torch.optim.Optimizer) -> Tensor | None:
+        """(Unscale, clip,) step `optimizer`; returns the clipped gradient norm (None without clipping)."""
+        grad_norm = None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.scaler is not None:
+            if self.clip_grad_norm is not None:
+                self.scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            self.scaler.step(optimizer)
+        else:
+            if self.clip_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            optimizer.step()
         if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         return grad_norm
+
+    def _advance_schedules(self) -> None:
+        with warnings.catch_warnings():  # a skipped first step makes LambdaLR warn about the call order
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            for scheduler in (self.schedulers.values() if self.phases else (self.scheduler,)):
+                scheduler.step()
+
+    def _optimizer_step(self, nonfinite: bool, terms: Mapping[str, Tensor]) -> Tensor | None:
+        """Updates (or skips, for a non-finite loss) and advances the schedule; returns the gradient norm."""
+        grad_norm = None
+        if nonfinite and self.scaler is not None:  # most likely an fp16 overflow: back off as the scaler would
+            self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        self._count_nonfinite(nonfinite, terms)
+        if not nonfinite:
+            grad_norm = self._update(self.optimizer)
+            if self.scaler is not None:
+                self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._advance_schedules()
+        return grad_norm
+
+    def _phased_step(self, batch: Any) -> tuple[dict[str, Tensor], int, bool, bool, Tensor | None]:
+        """One step of a model trained in phases: for each phase, clear all gradients, loss + backward, and
+        that phase's update (skipped when its loss is non-finite). Returns (terms, batch size, any phase
+        non-finite, stop requested, the phases' combined gradient norm)."""
+        prepared = self._prepare(batch)
+        terms: dict[str, Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        norms: list[Tensor] = []
+        any_bad = stop = False
+        updated = n = 0
+        for i, phase in enumerate(self.phases):
+            self.model.zero_grad(set_to_none=True)
+            phase_terms, n = self._micro_step(batch, 1.0, sync=True, phase=phase, prepared=prepared)
+            last = i == len(self.phases) - 1
+            flags = torch.stack([(~torch.isfinite(phase_terms["loss"])).to(torch.int32),
+                                 torch.tensor(int(last and self._signal is not None), dtype=torch.int32,
+                                              device=self.device)])
+            bad, stop = (bool(f) for f in D.any_across_ranks(flags).tolist())  # one sync per phase
+            if bad:
+                any_bad = True
+                logger.warning("non-finite loss in phase %r at step %d: %s; its update skipped", phase, self.step,
+                               {k: float(v) for k, v in phase_terms.items()})
+                if self.scaler is not None:
+                    self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            else:
+                norm = self._update(self.optimizers[phase])
+                if norm is not None:
+                    norms.append(norm.float())
+                updated += 1
+            total = total + phase_terms["loss"]
+            terms.update({k: v for k, v in phase_terms.items() if k != "loss"})
+        terms["loss"] = total
+        self.model.zero_grad(set_to_none=True)
+        if updated and self.scaler is not None:
+            self.scaler.update()
+        if updated and self.ema is not None:
+            self.ema.update(self.model)
+        self._count_nonfinite(any_bad, terms, "phase update")
+        self._advance_schedules()
+        grad_norm = torch.stack(norms).square().sum().sqrt() if norms else None
+        return terms, n, any_bad, stop, grad_norm
 
     def _run(self, loader: Iterable, val_loader: Iterable | None, evaluate: Evaluate | None,
              pending_rng: dict[str, Any] | None, bar, resumed: bool) -> None:
@@ -605,25 +748,30 @@ class Trainer:
                 if batch is _END:
                     epoch_done = True
                     break
-                terms: dict[str, Tensor] = {}
-                bad = torch.zeros((), dtype=torch.bool, device=self.device)
-                for i in range(group):  # micro-batches; the next is fetched only within the step
-                    nxt = next(it, _END) if i < group - 1 else _END
-                    micro_terms, n = self._micro_step(batch, 1.0 / group, sync=nxt is _END)
-                    bad |= ~torch.isfinite(micro_terms["loss"])
-                    for k, v in micro_terms.items():
-                        terms[k] = terms[k] + v / group if k in terms else v / group
+                lr = self.optimizer.param_groups[0]["lr"]
+                if self.phases:  # grad_accum is 1: one batch, each phase in turn
+                    terms, n, nonfinite, stop, grad_norm = self._phased_step(batch)
                     window.samples += n * self.info.world_size
                     consumed += 1
-                    if nxt is _END:
-                        epoch_done = epoch_done or i < group - 1
-                        break
-                    batch = nxt
-                flags = torch.stack([bad.to(torch.int32), torch.tensor(int(self._signal is not None),
-                                                                       dtype=torch.int32, device=self.device)])
-                nonfinite, stop = (bool(f) for f in D.any_across_ranks(flags).tolist())  # the step's one sync
-                lr = self.optimizer.param_groups[0]["lr"]
-                grad_norm = self._optimizer_step(nonfinite, terms)
+                else:
+                    terms: dict[str, Tensor] = {}
+                    bad = torch.zeros((), dtype=torch.bool, device=self.device)
+                    for i in range(group):  # micro-batches; the next is fetched only within the step
+                        nxt = next(it, _END) if i < group - 1 else _END
+                        micro_terms, n = self._micro_step(batch, 1.0 / group, sync=nxt is _END)
+                        bad |= ~torch.isfinite(micro_terms["loss"])
+                        for k, v in micro_terms.items():
+                            terms[k] = terms[k] + v / group if k in terms else v / group
+                        window.samples += n * self.info.world_size
+                        consumed += 1
+                        if nxt is _END:
+                            epoch_done = epoch_done or i < group - 1
+                            break
+                        batch = nxt
+                    flags = torch.stack([bad.to(torch.int32), torch.tensor(int(self._signal is not None),
+                                                                           dtype=torch.int32, device=self.device)])
+                    nonfinite, stop = (bool(f) for f in D.any_across_ranks(flags).tolist())  # the step's one sync
+                    grad_norm = self._optimizer_step(nonfinite, terms)
                 self.step += 1
                 self.batch_in_epoch = consumed
                 if not nonfinite:
