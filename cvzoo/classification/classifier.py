@@ -56,6 +56,14 @@ class ImageClassifier(nn.Module):
             feats = self.neck(feats)
         return self.head(feats)
 
+    def features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) normalised images -> the pooled features (B, D) the classifier's linear layer reads
+        (embeddings for k-NN, Frechet distances, probes)."""
+        feats = self.backbone(images)
+        if self.neck is not None:
+            feats = self.neck(feats)
+        return self.head.features(feats)
+
     def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         images = cast_like_parameters(self.signature.validate(images), self)
         labels = check_class_targets(labels, images.shape[0], self.num_classes)

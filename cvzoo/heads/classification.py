@@ -31,5 +31,9 @@ class ClassificationHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
 
+    def features(self, feats: Sequence[Tensor] | Tensor) -> Tensor:
+        """The pooled features the linear layer reads: [(B, C, H, W)] -> (B, C)."""
+        return self.pool(feats)
+
     def forward(self, feats: Sequence[Tensor] | Tensor) -> ClassificationOutput:
-        return ClassificationOutput(self.fc(self.dropout(self.pool(feats))))
+        return ClassificationOutput(self.fc(self.dropout(self.features(feats))))
