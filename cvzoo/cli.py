@@ -29,11 +29,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
             needs = f"cvzoo[{e.extra}]" if e.extra else "core"
             print(f"{name:<{width}}  {e.task:<14}  {needs:<11}  {e.description}")
     if args.datasets or args.task is None or args.task in _DATA_TASKS:
-        from cvzoo.data.registry import DATASETS, list_datasets
+        from cvzoo.data.registry import DATASETS
+        from cvzoo.experiment import datasets_for_task
 
         if not args.datasets:
             print("\ndatasets (cvzoo train -d NAME):")
-        names = list_datasets(args.task) if args.task in _DATA_TASKS else list(DATASETS)
+        names = datasets_for_task(args.task) if args.task in _DATA_TASKS else list(DATASETS)
         width = max((len(n) for n in names), default=0)
         for name in names:
             e = DATASETS[name]
@@ -43,7 +44,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-_DATA_TASKS = ("detection", "classification", "regression", "multitask", "segmentation")
+_DATA_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation")
 
 
 def _settings(args: argparse.Namespace):
@@ -81,7 +82,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"done: {result['steps']} steps in {result['seconds']:.0f} s; validation metrics:")
     _print_metrics(result["metrics"])
     print(f"run directory: {run_dir}")
-    for name in ("model.safetensors", "checkpoints/last.pt", "metrics.csv", "curves.png", "predictions.png"):
+    for name in ("model.safetensors", "checkpoints/last.pt", "metrics.csv", "curves.png", "predictions.png",
+                 "samples.png"):
         if (run_dir / name).exists():
             print(f"  {run_dir / name}")
     return 0
@@ -240,20 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a zoo model on a dataset (bare: the small detector on Shapes)")
     p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"zoo model name (default {DEFAULT_MODEL})")
     p.add_argument("-d", "--dataset", default=DEFAULT_DATASET, help=f"dataset name (default {DEFAULT_DATASET})")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 unless --epochs)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: the model's, else 1000, unless --epochs)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (training stops at steps or epochs)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the model's, else 16")
+    p.add_argument("--lr", type=float, default=None, help="default: the model's, else 2e-3")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--strategy", default="auto", choices=("auto", "single", "ddp", "fsdp"),
                    help="auto: DDP when launched by torchrun with several processes")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's loss")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an EMA of the weights (default: the model's, else none)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--augment", default="flip", choices=("none", "flip", "light", "medium", "heavy"),
-                   help="flip: horizontal flips; light/medium/heavy: kornia presets (cvzoo[augment])")
+    p.add_argument("--augment", default=None, choices=("none", "flip", "light", "medium", "heavy"),
+                   help="flip (the default): horizontal flips; light/medium/heavy: kornia presets (cvzoo[augment])")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--data-root", default=None, help="where a file-based dataset (voc, coco, ...) lives")
     p.add_argument("--train-images", type=int, default=None, help="Shapes: number of training images")

@@ -29,10 +29,13 @@ import torch
 from torch import Tensor, nn
 
 # model task (zoo) for each dataset task (data registry): the pairs that train together
-TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask", "segmentation")
+TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation")
+# model tasks that train on another task's datasets: generative models learn the images of a labelled set
+# (class-conditional ones use its labels)
+DATA_TASK = {"generation": "classification"}
 # `-m noop`: the image-blind baseline of the dataset's task
 NOOP_MODELS = {"detection": "noop_detector", "classification": "noop_classifier", "regression": "noop_regressor",
-               "multitask": "noop_multitask", "segmentation": "noop_segmenter"}
+               "multitask": "noop_multitask", "segmentation": "noop_segmenter", "generation": "noop_generator"}
 DEFAULT_MODEL = "fcos_micro"
 DEFAULT_DATASET = "shapes"
 HELD_OUT_SPLIT = {"digits": "test", "cifar10": "test"}  # the split validated on, where there is no "val"
@@ -48,14 +51,15 @@ class TrainSettings:
 
     model: str = DEFAULT_MODEL
     dataset: str = DEFAULT_DATASET
+    # None below: the model's zoo entry's `train_defaults`, else the value in GENERAL_DEFAULTS
     steps: int | None = None  # default: 1,000, unless epochs is given
     epochs: int | None = None
-    batch_size: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
+    batch_size: int | None = None  # 16
+    lr: float | None = None  # 2e-3
+    weight_decay: float | None = None  # 0.05
+    warmup_steps: int | None = None  # 100
     clip_grad_norm: float | None = 10.0
-    augment: str = "flip"  # "none", "flip" (horizontal flips, no extra needed), or a kornia preset
+    augment: str | None = None  # "flip": "none", "flip" (horizontal flips, no extra needed), or a kornia preset
     device: str = "auto"
     strategy: str = "auto"  # "auto" (DDP under torchrun), "single", "ddp", "fsdp"
     amp: str | None = None
@@ -74,6 +78,12 @@ class TrainSettings:
     eval_every: int | None = None  # default: 5 evaluations over the run (with --steps), else each epoch
 
     def __post_init__(self) -> None:
+        self.dataset = resolve_dataset_name(self.dataset)
+        self.model = resolve_model_name(self.model, self.dataset)
+        defaults = {**GENERAL_DEFAULTS, **model_train_defaults(self.model)}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in ("batch_size", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -86,8 +96,17 @@ class TrainSettings:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
-        self.dataset = resolve_dataset_name(self.dataset)
-        self.model = resolve_model_name(self.model, self.dataset)
+
+
+GENERAL_DEFAULTS = {"batch_size": 16, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 100, "augment": "flip",
+                    "steps": None, "ema_decay": None}
+
+
+def model_train_defaults(name: str) -> dict[str, Any]:
+    """The training settings a zoo model asks for (its entry's `train_defaults`); {} for unknown names."""
+    from cvzoo.zoo import MODELS
+
+    return dict(MODELS[name].train_defaults) if name in MODELS else {}
 
 
 def resolve_dataset_name(name: str) -> str:
@@ -109,15 +128,19 @@ def resolve_model_name(name: str, dataset: str) -> str:
 # ---- which models fit which datasets -----------------------------------------------------------------
 
 def models_for_task(task: str) -> list[str]:
+    """The zoo models that train on datasets of `task` (generative models train on classification sets)."""
     from cvzoo.zoo import list_models
 
-    return list_models(task) if task in TRAINABLE_TASKS else []
+    if task not in TRAINABLE_TASKS:
+        return []
+    return list_models(task) + [n for t, d in DATA_TASK.items() if d == task for n in list_models(t)]
 
 
 def datasets_for_task(task: str) -> list[str]:
+    """The registered datasets a model of `task` trains on."""
     from cvzoo.data.registry import list_datasets
 
-    return list_datasets(task) if task in TRAINABLE_TASKS else []
+    return list_datasets(DATA_TASK.get(task, task)) if task in TRAINABLE_TASKS else []
 
 
 def check_pair(model_name: str, dataset_name: str) -> tuple[str, str]:
@@ -129,7 +152,7 @@ def check_pair(model_name: str, dataset_name: str) -> tuple[str, str]:
     if dataset_name not in DATASETS:
         raise ValueError(f"unknown dataset {dataset_name!r}; known datasets: {', '.join(DATASETS)}")
     data_task = DATASETS[dataset_name].task
-    if model_task != data_task:
+    if DATA_TASK.get(model_task, model_task) != data_task:
         fits = models_for_task(data_task)
         fit_data = datasets_for_task(model_task)
         raise ValueError(
@@ -157,8 +180,10 @@ def model_kwargs(model_name: str, info: Any) -> dict[str, Any]:
     return kwargs
 
 
-def build_dataset(name: str, split: str, settings: TrainSettings | None = None, in_channels: int | None = None):
-    """A registered dataset for `split`, with the settings that apply to it (root, size, channels)."""
+def build_dataset(name: str, split: str, settings: TrainSettings | None = None, in_channels: int | None = None,
+                  image_size: int | None = None):
+    """A registered dataset for `split`, with the settings that apply to it (root, size, channels); digits are
+    resized to `image_size` when given (a generative model's fixed size)."""
     from cvzoo.data.registry import DATASETS, create_dataset
 
     entry = DATASETS[name]
@@ -173,6 +198,8 @@ def build_dataset(name: str, split: str, settings: TrainSettings | None = None, 
             kwargs["num_images"] = count
     if in_channels is not None and name == "digits":  # grey digits, replicated for RGB models
         kwargs["channels"] = in_channels
+    if image_size is not None and name == "digits":
+        kwargs["image_size"] = image_size
     return create_dataset(name, split=split, **kwargs)
 
 
@@ -286,6 +313,8 @@ def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: 
                 targets = _flip_detection(images, targets, flip, keypoint_flip)
             elif task == "segmentation":
                 targets = torch.where(flip.to(targets.device)[:, None, None], targets.flip(-1), targets)
+        if task == "generation":
+            images = resize_for_generator(images, model)
         if task == "detection":
             # one padded batch, validated here: the (compiled) loss then has no data-dependent checks
             from cvzoo.detection.structures import TargetBatch
@@ -297,6 +326,16 @@ def make_batch_transform(model: nn.Module, task: str, augment: str, image_size: 
         return [normalize(im[None])[0] for im in images], targets
 
     return transform
+
+
+def resize_for_generator(images: Tensor, model: nn.Module) -> Tensor:
+    """(B, C, H, W) -> (B, C, S, S) at a fixed-size generative model's `image_size` S (antialiased bilinear),
+    so that it learns any classification set; unchanged when already at that size."""
+    size = getattr(model, "image_size", None)
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
 
 
 def normalized(loader: Iterable, model: nn.Module, device: torch.device) -> Iterable:
@@ -322,6 +361,8 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
                   per_class: bool = False) -> dict[str, float]:
     """Validation metrics of `model` on (images in [0, 1], targets) batches:
 
+    generation: the mean of each `model.loss` term (a VAE's negative ELBO, a diffusion model's denoising
+    error; sample quality is measured by `cvzoo.generative.evaluate`);
     detection: COCO mAP, mAP50, mAP75, mAR100 (torchmetrics), with `per_class` also "AP/<class>" (COCO AP,
     -1 for a class without ground truth); classification: top-1 accuracy;
     regression: mean absolute and root-mean-square error; multitask: label accuracy, value MAE, keypoint MAE;
@@ -347,6 +388,8 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
             if per_class:
                 out.update({f"AP/{name}": ap for name, ap in r["per_class"].items()})
             return out
+        if task == "generation":
+            return mean_losses(model, ((resize_for_generator(im, model), t) for im, t in batches))
         if task == "segmentation":
             from cvzoo.segmentation.metrics import evaluate_segmentation
 
@@ -387,6 +430,57 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
         model.train(was_training)
 
 
+def mean_losses(model: nn.Module, batches: Iterable) -> dict[str, float]:
+    """The mean over images of each `model.loss(images, targets)` term, on normalised batches. Random parts of
+    a loss (noise levels, latent draws) come from a fixed seed, so two evaluations of one model agree."""
+    sums: dict[str, float] = {}
+    count = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for images, targets in batches:
+            targets = targets.to(images.device) if isinstance(targets, Tensor) else targets
+            losses = model.loss(images, targets)
+            n = images.shape[0]
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            count += n
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def generation_grid(model: nn.Module, dataset: Any, count: int = 64, seed: int = 0) -> tuple[Tensor, int]:
+    """(images in [0, 1], images a row) to show for a generative model: samples (ten a row of each class for
+    a class-conditional model), or reconstructions of `dataset` images next to them for an autoencoder."""
+    was_training = model.training
+    model.eval()
+    try:
+        g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        if callable(getattr(model, "sample", None)):
+            num_classes = getattr(model, "num_classes", None)
+            if num_classes:
+                per_class = max(1, count // num_classes)
+                labels = torch.arange(num_classes).repeat_interleave(per_class).to(g.device)
+                return model.sample(len(labels), labels=labels, generator=g), per_class
+            return model.sample(count, generator=g), math.ceil(math.sqrt(count))
+        images = torch.stack([dataset[i][0] for i in range(min(count // 2, len(dataset)))]).to(g.device)
+        images = resize_for_generator(images, model)
+        with torch.no_grad():
+            rec = model.reconstruct(model.signature.normalize(images))
+        rec = rec * torch.tensor(model.signature.std, device=rec.device).view(-1, 1, 1) \
+            + torch.tensor(model.signature.mean, device=rec.device).view(-1, 1, 1)
+        pairs = torch.stack([images, rec.clamp(0, 1)], dim=1).flatten(0, 1)  # original, reconstruction, ...
+        return pairs, 8
+    finally:
+        model.train(was_training)
+
+
+def save_samples_picture(model: nn.Module, dataset: Any, path: Path) -> Path:
+    """`generation_grid` written as a PNG (pixels scaled up 4x: digits are 16 px)."""
+    from cvzoo.generative.grid import save_grid
+
+    images, per_row = generation_grid(model, dataset)
+    return save_grid(images, path, nrow=per_row, scale=4)
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 
 def default_run_dir(model_name: str, dataset_name: str) -> Path:
@@ -410,9 +504,10 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
     kwargs = model_kwargs(settings.model, train_set.info)
     model = create_model(settings.model, **kwargs)
     in_channels = model.signature.in_channels
-    if in_channels != train_set.info.in_channels:  # e.g. grey digits for an RGB backbone
-        train_set = build_dataset(settings.dataset, "train", settings, in_channels)
-    val_set = build_dataset(settings.dataset, held_out_split(settings.dataset), settings, in_channels)
+    image_size = getattr(model, "image_size", None) if task == "generation" else None  # fixed-size generators
+    if in_channels != train_set.info.in_channels or image_size is not None:  # e.g. grey digits for an RGB backbone
+        train_set = build_dataset(settings.dataset, "train", settings, in_channels, image_size)
+    val_set = build_dataset(settings.dataset, held_out_split(settings.dataset), settings, in_channels, image_size)
     info = train_set.info
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run's files
     run_dir = Path(settings.out) if settings.out else default_run_dir(settings.model, settings.dataset)
@@ -468,6 +563,8 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
             log(f"no curves plot: {err}")
         if task in ("detection", "segmentation"):
             save_prediction_picture(final_model, val_set, run_dir / "predictions.png", info.classes)
+        if task == "generation":
+            save_samples_picture(final_model, val_set, run_dir / "samples.png")
     else:
         metrics = {}
     return {"metrics": metrics, "run_dir": run_dir, "seconds": seconds, "steps": trainer.step, "interrupted": False}

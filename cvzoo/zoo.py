@@ -7,8 +7,9 @@ part they name (e.g. `num_classes`, `out_channels`, `pretrained`, `frozen_stages
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -39,7 +40,8 @@ from cvzoo.heads import (
 )
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
-TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection", "segmentation")
+TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection", "segmentation",
+         "generation")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ZooEntry:
     builder: Callable[..., nn.Module]
     task: str  # one of TASKS: "features" are backbone + neck pyramids
     extra: str | None = None  # the pip extra it needs beyond the core install
+    # `cvzoo train` settings this model needs unless the user sets them (a GAN's lr, a diffusion model's steps)
+    train_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def description(self) -> str:
@@ -454,6 +458,96 @@ def noop_segmenter(num_classes: int = 5, in_channels: int = 3, **kwargs):
     return NoopSegmenter(num_classes, in_channels, **kwargs)
 
 
+# ---- generative models (digits: 16 x 16 grey images) ------------------------------------------------------
+
+def noop_generator(num_classes: int | None = None, in_channels: int = 1, image_size: int = 16):
+    """Structure-blind baseline: independent Gaussian pixels (per class with num_classes)."""
+    from cvzoo.generative.baselines import PixelGaussian
+
+    return PixelGaussian(image_size=image_size, in_channels=in_channels, num_classes=num_classes)
+
+
+def autoencoder_digits(in_channels: int = 1, image_size: int = 16, latent_dim: int = 32, **kwargs):
+    """Convolutional autoencoder (MSE) for 16 px digits; its ConvEncoder is a backbone."""
+    from cvzoo.generative import AutoEncoder
+
+    return AutoEncoder(image_size=image_size, in_channels=in_channels, latent_dim=latent_dim, widths=(32, 64),
+                       **kwargs)
+
+
+def vae_digits(in_channels: int = 1, image_size: int = 16, latent_dim: int = 16, **kwargs):
+    """VAE with a learnt-variance Gaussian likelihood for 16 px digits (ELBO in nats)."""
+    from cvzoo.generative import VAE
+
+    kwargs.setdefault("likelihood", "gaussian")
+    return VAE(image_size=image_size, in_channels=in_channels, latent_dim=latent_dim, widths=(32, 64), **kwargs)
+
+
+def vqvae_digits(in_channels: int = 1, image_size: int = 16, **kwargs):
+    """VQ-VAE (64 EMA codes on a 4 x 4 grid, dead-code restarts) for 16 px digits."""
+    from cvzoo.generative import VQVAE
+
+    kwargs.setdefault("dead_code_threshold", 0.5)
+    return VQVAE(image_size=image_size, in_channels=in_channels, num_codes=64, code_dim=16, widths=(32, 64),
+                 **kwargs)
+
+
+def _dcgan(num_classes: int | None, in_channels: int, image_size: int, **kwargs):
+    from cvzoo.generative import GAN, DCGANDiscriminator, DCGANGenerator
+
+    generator = DCGANGenerator(latent_dim=64, image_size=image_size, out_channels=in_channels, base_channels=32,
+                               num_classes=num_classes)
+    discriminator = DCGANDiscriminator(image_size=image_size, in_channels=in_channels, base_channels=32,
+                                       num_classes=num_classes)
+    return GAN(generator, discriminator, **kwargs)
+
+
+def dcgan_digits(in_channels: int = 1, image_size: int = 16, **kwargs):
+    """DCGAN (non-saturating loss) for 16 px digits, trained by alternating optimizers."""
+    return _dcgan(None, in_channels, image_size, **kwargs)
+
+
+def cdcgan_digits(num_classes: int = 10, in_channels: int = 1, image_size: int = 16, **kwargs):
+    """Class-conditional DCGAN: class embedding in the generator, projection discriminator."""
+    return _dcgan(num_classes, in_channels, image_size, **kwargs)
+
+
+def ddpm_digits(num_classes: int | None = 10, in_channels: int = 1, image_size: int = 16, **kwargs):
+    """Class-conditional DDPM (own UNet, cosine schedule, T=500) with classifier-free guidance."""
+    from cvzoo.generative import GaussianDiffusion, UNet
+
+    unet = UNet(in_channels=in_channels, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                num_classes=num_classes)
+    kwargs.setdefault("num_timesteps", 500)
+    kwargs.setdefault("schedule", "cosine")
+    return GaussianDiffusion(unet, image_size=image_size, **kwargs)
+
+
+def ddpm_unet2d_digits(num_classes: int | None = 10, in_channels: int = 1, image_size: int = 16, **kwargs):
+    """The same DDPM with diffusers' UNet2DModel as the denoiser."""
+    from cvzoo.generative import GaussianDiffusion, diffusers_unet2d
+
+    unet = diffusers_unet2d(image_size, in_channels, num_classes=num_classes, block_out_channels=(32, 64))
+    kwargs.setdefault("num_timesteps", 500)
+    kwargs.setdefault("schedule", "cosine")
+    return GaussianDiffusion(unet, image_size=image_size, **kwargs)
+
+
+def ncsn_digits(in_channels: int = 1, image_size: int = 16, **kwargs):
+    """Noise-conditional score network (10 noise levels, 1 to 0.01), annealed Langevin sampling."""
+    from cvzoo.generative import NCSN, ScoreNetwork
+
+    return NCSN(ScoreNetwork(in_channels=in_channels, base_channels=32, channel_mults=(1, 2)),
+                image_size=image_size, **kwargs)
+
+
+# what a generative model needs from `cvzoo train` beyond the general defaults (no flips: digits are not
+# mirror-symmetric; no weight decay on GANs, DCGAN's lr)
+_GENERATIVE_TRAINING = {"augment": "none", "weight_decay": 0.0, "batch_size": 64}
+_GAN_TRAINING = {**_GENERATIVE_TRAINING, "lr": 2e-4, "steps": 3000, "warmup_steps": 0}
+_DIFFUSION_TRAINING = {**_GENERATIVE_TRAINING, "lr": 1e-3, "steps": 4000, "ema_decay": 0.995}
+
+
 def _entries() -> list[ZooEntry]:
     own_backbones = [resnet_micro, resnet18, resnet34, resnet50, convnext_micro, convnext_atto, convnext_tiny]
     return [
@@ -481,6 +575,18 @@ def _entries() -> list[ZooEntry]:
         *(ZooEntry(f.__name__, f, "segmentation") for f in (
             deeplabv3_resnet_tiny, unet_resnet_micro, fpnseg_resnet_micro, fcn_resnet50, deeplabv3_resnet50,
             lraspp_mobilenet_v3_large, noop_segmenter)),
+        ZooEntry("autoencoder_digits", autoencoder_digits, "generation",
+                 train_defaults={**_GENERATIVE_TRAINING, "steps": 1500}),
+        ZooEntry("vae_digits", vae_digits, "generation", train_defaults={**_GENERATIVE_TRAINING, "steps": 2000}),
+        ZooEntry("vqvae_digits", vqvae_digits, "generation", train_defaults={**_GENERATIVE_TRAINING, "steps": 1500}),
+        ZooEntry("dcgan_digits", dcgan_digits, "generation", train_defaults=_GAN_TRAINING),
+        ZooEntry("cdcgan_digits", cdcgan_digits, "generation", train_defaults=_GAN_TRAINING),
+        ZooEntry("ddpm_digits", ddpm_digits, "generation", train_defaults=_DIFFUSION_TRAINING),
+        ZooEntry("ddpm_unet2d_digits", ddpm_unet2d_digits, "generation", "diffusion",
+                 train_defaults=_DIFFUSION_TRAINING),
+        ZooEntry("ncsn_digits", ncsn_digits, "generation", train_defaults={**_DIFFUSION_TRAINING, "steps": 3000}),
+        ZooEntry("noop_generator", noop_generator, "generation",
+                 train_defaults={**_GENERATIVE_TRAINING, "lr": 0.05, "steps": 300}),
     ]
 
 

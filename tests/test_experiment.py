@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from cvzoo.cli import main
 from cvzoo.data.registry import DATASETS
 from cvzoo.experiment import (
+    DATA_TASK,
     TRAINABLE_TASKS,
     TrainSettings,
     build_dataset,
@@ -27,13 +28,13 @@ from cvzoo.train import Trainer
 from cvzoo.zoo import MODELS, create_model
 
 EMBEDDED = [name for name, e in DATASETS.items() if not e.needs_root and e.task in TRAINABLE_TASKS]
-PAIRS = [(m, d) for d in EMBEDDED for m, e in MODELS.items() if e.task == DATASETS[d].task]
+PAIRS = [(m, d) for d in EMBEDDED for m, e in MODELS.items() if DATA_TASK.get(e.task, e.task) == DATASETS[d].task]
 
 
 def test_every_trainable_task_has_a_noop_baseline_and_an_embedded_dataset():
     for task in TRAINABLE_TASKS:
         assert any(name.startswith("noop_") and e.task == task for name, e in MODELS.items()), task
-        assert any(DATASETS[d].task == task for d in EMBEDDED), task
+        assert any(DATASETS[d].task == DATA_TASK.get(task, task) for d in EMBEDDED), task
 
 
 @pytest.mark.parametrize(("model_name", "dataset_name"), PAIRS)
@@ -45,7 +46,8 @@ def test_one_training_step_of_every_compatible_pair(model_name, dataset_name):
     probe = build_dataset(dataset_name, "train", settings)
     torch.manual_seed(0)
     model = create_model(model_name, **model_kwargs(model_name, probe.info))
-    data = build_dataset(dataset_name, "train", settings, model.signature.in_channels)
+    data = build_dataset(dataset_name, "train", settings, model.signature.in_channels,
+                         getattr(model, "image_size", None) if task == "generation" else None)
     loader = DataLoader(torch.utils.data.Subset(data, [0, 1]), batch_size=2,
                         collate_fn=collate_for(task, target_keys(model)))
     before = [p.detach().clone() for p in model.parameters()]

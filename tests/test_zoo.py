@@ -24,7 +24,39 @@ def _create(name: str):
     return model
 
 
+def _is_generative(model) -> bool:
+    return hasattr(model, "image_size") and callable(getattr(model, "loss", None)) and not hasattr(model, "head")
+
+
+def _labels(model, batch: int = 2):
+    return torch.arange(batch) % model.num_classes if getattr(model, "num_classes", None) else None
+
+
+def _outputs(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """A model's outputs on `x`; for generative models, whose forward takes noise or latents, the terms of
+    `loss(x, labels)` under a fixed seed (their losses draw noise levels, timesteps and latents)."""
+    if not _is_generative(model):
+        return _tensors(model(x))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return list(model.loss(x, _labels(model, x.shape[0])).values())
+
+
+def _quick_sample(model, n: int = 2) -> torch.Tensor:
+    """`sample` with the fewest steps each sampler allows (the zoo's DDPMs take hundreds by default)."""
+    import inspect
+
+    params = inspect.signature(model.sample).parameters
+    kwargs = {k: v for k, v in (("num_steps", 2), ("steps_per_level", 1), ("sampler", "ddim")) if k in params}
+    if "labels" in params and getattr(model, "num_classes", None):
+        kwargs["labels"] = _labels(model, n)
+    return model.sample(n, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
 def _input(model, batch: int = 2) -> torch.Tensor:
+    if _is_generative(model):  # fixed-size models: images in [-1, 1] at their size
+        size = model.image_size
+        return torch.rand(batch, model.signature.in_channels, size, size) * 2 - 1
     sig = model.signature
     side = max(64, sig.min_size)
     side = math.ceil(side / sig.size_divisor) * sig.size_divisor
@@ -54,9 +86,16 @@ def test_zoo_has_a_dozen_entries_of_every_task():
 def test_declared_outputs_match_real_outputs(name):
     model = _create(name).eval()
     x = _input(model)
+    task = MODELS[name].task
+    if task == "generation":  # samples, or reconstructions for an autoencoder without a prior to sample
+        out = _quick_sample(model) if hasattr(model, "sample") else model.reconstruct(x)
+        assert out.shape == (2, model.signature.in_channels, model.image_size, model.image_size)
+        assert out.min() >= 0 and out.max() <= 1
+        losses = model.loss(x, _labels(model))
+        assert set(losses) >= {"loss"} and all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+        return
     with torch.no_grad():
         out = model(x)
-    task = MODELS[name].task
     if task in ("backbone", "features"):
         assert isinstance(out, list) and len(out) == len(model.feature_info) == len(model.signature.outputs)
         for f, info in zip(out, model.feature_info):
@@ -85,9 +124,12 @@ def test_declared_outputs_match_real_outputs(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_backward_reaches_every_trainable_parameter(name):
     model = _create(name).train()
-    out = model(_input(model))
-    # (t + 1)^2: its gradient is not zero at outputs that start at zero (the noop baselines' priors)
-    sum((t.float() + 1).square().mean() for t in _tensors(out)).backward()
+    if _is_generative(model):
+        model.loss(_input(model), _labels(model))["loss"].backward()
+    else:
+        out = model(_input(model))
+        # (t + 1)^2: its gradient is not zero at outputs that start at zero (the noop baselines' priors)
+        sum((t.float() + 1).square().mean() for t in _tensors(out)).backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
     no_grad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -100,9 +142,14 @@ def test_compiles_without_graph_breaks_and_agrees_with_eager(name):
     torch._dynamo.reset()
     model = _create(name).eval()
     x = _input(model)
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    if _is_generative(model):  # the loss is the hot path (forward takes noise, not images)
+        model.loss = torch.compile(model.loss, backend="eager", fullgraph=True)
+        compiled, model = model, _create(name).eval()
+        compiled.load_state_dict(model.state_dict())
+    else:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
-        eager, comp = _tensors(model(x)), _tensors(compiled(x))
+        eager, comp = _outputs(model, x), _outputs(compiled, x)
     assert len(eager) == len(comp)
     for a, b in zip(eager, comp):
         torch.testing.assert_close(a, b)
@@ -120,9 +167,9 @@ def test_safetensors_round_trip_into_a_fresh_model(name, tmp_path):
     fresh = _create(name).eval()
     x = _input(model)
     with torch.no_grad():
-        before = _tensors(fresh(x))
+        before = _outputs(fresh, x)
         fresh.load_state_dict(load_file(str(path)))
-        expected, got = _tensors(model(x)), _tensors(fresh(x))
+        expected, got = _outputs(model, x), _outputs(fresh, x)
     assert any(not torch.equal(a, b) for a, b in zip(before, expected)), "fresh model was not freshly initialised"
     for a, b in zip(expected, got):
         assert torch.equal(a, b)
