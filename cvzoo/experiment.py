@@ -464,10 +464,8 @@ def generation_grid(model: nn.Module, dataset: Any, count: int = 64, seed: int =
         images = torch.stack([dataset[i][0] for i in range(min(count // 2, len(dataset)))]).to(g.device)
         images = resize_for_generator(images, model)
         with torch.no_grad():
-            rec = model.reconstruct(model.signature.normalize(images))
-        rec = rec * torch.tensor(model.signature.std, device=rec.device).view(-1, 1, 1) \
-            + torch.tensor(model.signature.mean, device=rec.device).view(-1, 1, 1)
-        pairs = torch.stack([images, rec.clamp(0, 1)], dim=1).flatten(0, 1)  # original, reconstruction, ...
+            rec = model.reconstruct(model.signature.normalize(images))  # in [0, 1]
+        pairs = torch.stack([images, rec], dim=1).flatten(0, 1)  # original, reconstruction, ...
         return pairs, 8
     finally:
         model.train(was_training)
