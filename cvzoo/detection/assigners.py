@@ -152,17 +152,20 @@ class FCOSAssigner:
         starts = [sum(num_per_level[:i]) for i in range(len(num_per_level))]
         level = torch.bucketize(torch.arange(points.shape[0], device=points.device),
                                 torch.tensor(starts, device=points.device), right=True) - 1
-        lower, upper = torch.tensor(ranges, device=points.device)[level].unbind(-1)  # (R,) each
-        boxes = targets.boxes[:, None, :, :]  # (B, 1, M, 4)
-        p = points[None, :, None, :]  # (1, R, 1, 2)
-        gt_ctr = (boxes[..., :2] + boxes[..., 2:]) / 2
-        in_center = (p - gt_ctr).abs().amax(dim=-1) < self.center_sampling_radius * strides[None, :, None]
-        ltrb = torch.cat([p - boxes[..., :2], boxes[..., 2:] - p], dim=-1)  # (B, R, M, 4)
+        # per-prior quantities as (R, 1) columns broadcast against (B, R, M) from the right: few view ops
+        bounds = torch.tensor(ranges, device=points.device)[level][:, None, :]  # (R, 1, 2) size range
+        lt, rb = targets.boxes[:, None, :, :2], targets.boxes[:, None, :, 2:]  # (B, 1, M, 2) each
+        p = points[:, None, :]  # (R, 1, 2)
+        ltrb = torch.cat([p - lt, rb - p], dim=-1)  # (B, R, M, 4)
         inside = ltrb.amin(dim=-1) > 0
         reach = ltrb.amax(dim=-1)
-        in_range = (reach > lower[None, :, None]) & (reach < upper[None, :, None])
+        # |point - box centre| per axis is |l - r| / 2 and |t - b| / 2
+        in_center = (ltrb[..., :2] - ltrb[..., 2:]).abs().amax(dim=-1) < \
+            (2 * self.center_sampling_radius) * strides[:, None]
+        in_range = (reach > bounds[..., 0]) & (reach < bounds[..., 1])
         match = in_center & inside & in_range & targets.valid[:, None, :]  # (B, R, M)
-        area = (targets.boxes[..., 2] - targets.boxes[..., 0]) * (targets.boxes[..., 3] - targets.boxes[..., 1])
-        score = match.to(torch.float32) * (1e8 - area[:, None, :])  # torchvision's smallest-area tie break
+        wh = rb - lt  # (B, 1, M, 2)
+        area = wh[..., 0] * wh[..., 1]  # (B, 1, M)
+        score = match.to(torch.float32) * (1e8 - area)  # torchvision's smallest-area tie break
         best, matched = score.max(dim=2)  # (B, R)
         return torch.where(best < 1e-5, torch.full_like(matched, BACKGROUND), matched)

@@ -76,6 +76,21 @@ def pairwise_giou(a: Tensor, b: Tensor) -> Tensor:
     return iou - (hull - union) / hull
 
 
+def ltrb_giou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+    """GIoU of boxes given as non-negative ltrb distances from the same points: (..., 4), (..., 4) -> (...).
+
+    Equal to `elementwise_giou` of the decoded boxes: decoding is a translation and a common scale (the
+    stride), which GIoU ignores, and with every point inside both boxes the intersection and the hull are
+    element-wise min / max of the distances. FCOS's loss uses it on the head's distances directly.
+    """
+    # (w, h) of the intersection, both boxes and the hull, stacked: four pairs of sums in one op each
+    dist = torch.stack([torch.minimum(a, b), a, b, torch.maximum(a, b)])  # (4, ..., 4)
+    wh = dist[..., :2] + dist[..., 2:]  # (4, ..., 2)
+    inter, area_a, area_b, hull = (wh[..., 0] * wh[..., 1]).unbind(0)
+    union = area_a + area_b - inter
+    return inter / (union + eps) - (hull - union) / (hull + eps)
+
+
 def elementwise_giou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
     """GIoU of matching rows: (..., 4), (..., 4) -> (...). Same formula as torchvision's GIoU loss, on
     (x, y) pairs so it dispatches few operations."""

@@ -75,6 +75,6 @@ class DistanceCoder:
 
 def centerness(ltrb: Tensor) -> Tensor:
     """FCOS centre-ness of ltrb distances: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)). (..., 4) -> (...)."""
-    lr, tb = ltrb[..., 0::2], ltrb[..., 1::2]
-    ratio = (lr.min(dim=-1).values / lr.max(dim=-1).values) * (tb.min(dim=-1).values / tb.max(dim=-1).values)
-    return torch.sqrt(ratio.clamp(min=0))
+    lt, rb = ltrb[..., :2], ltrb[..., 2:]  # (l, t) against (r, b): min / max of each pair at once
+    ratio = torch.minimum(lt, rb) / torch.maximum(lt, rb)  # (..., 2)
+    return torch.sqrt((ratio[..., 0] * ratio[..., 1]).clamp(min=0))

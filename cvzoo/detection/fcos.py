@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvzoo.detection.assigners import FCOSAssigner, gather_targets
+from cvzoo.detection.boxes import ltrb_giou
 from cvzoo.detection.coders import DistanceCoder, centerness
 from cvzoo.detection.detector import DenseDetector
-from cvzoo.detection.losses import centerness_loss, giou_loss, label_focal_loss
+from cvzoo.detection.losses import label_focal_loss
 from cvzoo.detection.postprocess import batched_postprocess
 from cvzoo.detection.priors import PointGenerator
 from cvzoo.detection.structures import Detections, TargetBatch
@@ -54,15 +56,24 @@ class FCOS(DenseDetector):
         num_per_level = [h * w for h, w in sizes]
         matched = self.assigner(points, strides, targets, num_per_level, self.strides)  # (B, R)
         gt_boxes, gt_labels = gather_targets(targets, matched)
-        fg = (matched >= 0).float()
+        is_fg = matched >= 0  # (B, R)
+        fg = is_fg.float()
         num_fg = fg.sum().clamp(min=1)
-        pred_boxes = self.box_coder.decode(out.box_distances.float(), points, strides)
-        ltrb = self.box_coder.encode(gt_boxes, points, strides)  # (B, R, 4), positive on foreground
-        ctr_target = centerness(torch.where(fg[..., None] > 0, ltrb, torch.ones_like(ltrb)))
+        # target distances in strides, positive on foreground; unit distances on background keep the masked
+        # centre-ness and GIoU terms finite. GIoU is computed on the distances themselves (no decoding):
+        # both boxes are seen from the same point at the same scale (see ltrb_giou)
+        ltrb = self.box_coder.encode(gt_boxes, points, strides)  # (B, R, 4)
+        ltrb = torch.where(is_fg[..., None], ltrb, 1.0)
+        ctr_target = centerness(ltrb)  # (B, R), 1 on background
+        # every background term is finite (unit target distances, ReLU'd predicted ones), so a weighted sum
+        # masks it exactly: no where() a term, and BCE's own weight argument (a third of the operations)
+        giou = ltrb_giou(out.box_distances.float(), ltrb)  # (B, R)
+        ctr_bce = F.binary_cross_entropy_with_logits(out.centerness[..., 0].float(), ctr_target, weight=fg,
+                                                     reduction="sum")
         losses = {
             "classification": label_focal_loss(out.cls_logits, gt_labels).sum() / num_fg,
-            "box_regression": giou_loss(pred_boxes, gt_boxes, fg).sum() / num_fg,
-            "centerness": centerness_loss(out.centerness[..., 0], ctr_target, fg).sum() / num_fg,
+            "box_regression": ((1 - giou) * fg).sum() / num_fg,
+            "centerness": ctr_bce / num_fg,
         }
         losses["loss"] = losses["classification"] + losses["box_regression"] + losses["centerness"]
         return losses

@@ -85,15 +85,15 @@ class PointGenerator(nn.Module):
         return len(self.strides)
 
     def forward(self, sizes: Sequence[tuple[int, int]], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-        points, level = grid_centres(sizes, self.strides, self.offset, device, dtype)
-        strides = torch.tensor(self.strides, device=device, dtype=dtype)[level]
+        points, level, strides = grid_centres(sizes, self.strides, self.offset, device, dtype, with_strides=True)
         return points, strides
 
 
 def grid_centres(sizes: Sequence[tuple[int, int]], strides: Sequence[int], offset: float, device,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                 dtype: torch.dtype, with_strides: bool = False) -> tuple[Tensor, ...]:
     """Cell centres (x + offset, y + offset) * stride of every level at once: (sum_l H_l W_l, 2) xy and the
-    (sum_l H_l W_l,) level of each row, rows ordered (level, y, x).
+    (sum_l H_l W_l,) level of each row, rows ordered (level, y, x); with `with_strides` also each row's stride
+    (sum_l H_l W_l,) in `dtype`.
 
     One flat arange and a few gathers instead of a grid per level: a handful of operations whatever
     the number of levels (dispatch overhead is what dominates small grids).
@@ -107,4 +107,6 @@ def grid_centres(sizes: Sequence[tuple[int, int]], strides: Sequence[int], offse
     start, width, stride = table[level].unbind(-1)
     local = index - start
     yx = torch.stack([local % width, torch.div(local, width, rounding_mode="floor")], dim=-1)  # (N, 2) as x, y
-    return (yx.to(dtype) + offset) * stride[:, None].to(dtype), level
+    stride = stride.to(dtype)
+    centres = (yx.to(dtype) + offset) * stride[:, None]
+    return (centres, level, stride) if with_strides else (centres, level)

@@ -15,6 +15,7 @@ from cvzoo.detection.boxes import (
     box_convert,
     clip_boxes,
     elementwise_giou,
+    ltrb_giou,
     pairwise_giou,
     pairwise_iou,
     valid_boxes,
@@ -112,3 +113,20 @@ def test_box_area_and_valid_boxes():
                           [0.0, 0.0, float("nan"), 1.0], [0.0, 0.0, float("inf"), 1.0]])
     torch.testing.assert_close(box_area(boxes[:3]), torch.tensor([6.0, 0.0, 0.0]))
     assert valid_boxes(boxes).tolist() == [True, False, False, False, False]
+
+
+def test_ltrb_giou_equals_torchvision_giou_of_the_decoded_boxes():
+    """Distances from common points, scaled by a per-point stride: GIoU of the decoded pixel boxes."""
+    g = torch.Generator().manual_seed(3)
+    points = torch.rand(200, 2, generator=g) * 100
+    strides = torch.tensor([8.0, 16.0, 32.0])[torch.randint(0, 3, (200,), generator=g)]
+    pred = torch.rand(200, 4, generator=g) * 3  # in strides, >= 0 (the head's ReLU)
+    pred[:5] = 0  # degenerate predictions (all-zero distances) stay finite
+    target = torch.rand(200, 4, generator=g) * 3 + 0.05
+
+    def decode(d):  # in float64: float32 pixel coordinates would round at 1e-5
+        d = d.double() * strides.double()[:, None]
+        return torch.cat([points.double() - d[:, :2], points.double() + d[:, 2:]], dim=1)
+
+    expected = torch.diagonal(generalized_box_iou(decode(pred), decode(target)))
+    torch.testing.assert_close(ltrb_giou(pred.double(), target.double()), expected, rtol=1e-6, atol=1e-7)
