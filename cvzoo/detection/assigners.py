@@ -46,7 +46,7 @@ def gather_targets(targets: TargetBatch, matched: Tensor) -> tuple[Tensor, Tenso
     idx = matched.clamp(min=0)
     boxes = torch.gather(targets.boxes, 1, idx[..., None].expand(-1, -1, 4))  # (B, R, 4)
     labels = torch.gather(targets.labels, 1, idx)  # (B, R)
-    return boxes, torch.where(matched >= 0, labels, torch.full_like(labels, -1))
+    return boxes, torch.where(matched >= 0, labels, -1)
 
 
 class MaxIoUAssigner:
@@ -149,9 +149,8 @@ class FCOSAssigner:
         ranges = self.size_ranges or fcos_size_ranges(level_strides)
         if len(ranges) != len(num_per_level):
             raise ValueError(f"size_ranges has {len(ranges)} levels but the detector has {len(num_per_level)}")
-        starts = [sum(num_per_level[:i]) for i in range(len(num_per_level))]
-        level = torch.bucketize(torch.arange(points.shape[0], device=points.device),
-                                torch.tensor(starts, device=points.device), right=True) - 1
+        # each point's level from its stride (the levels' strides increase strictly)
+        level = torch.bucketize(strides, torch.tensor(level_strides, device=points.device, dtype=strides.dtype))
         # per-prior quantities as (R, 1) columns broadcast against (B, R, M) from the right: few view ops
         bounds = torch.tensor(ranges, device=points.device)[level][:, None, :]  # (R, 1, 2) size range
         lt, rb = targets.boxes[:, None, :, :2], targets.boxes[:, None, :, 2:]  # (B, 1, M, 2) each
@@ -168,4 +167,4 @@ class FCOSAssigner:
         area = wh[..., 0] * wh[..., 1]  # (B, 1, M)
         score = match.to(torch.float32) * (1e8 - area)  # torchvision's smallest-area tie break
         best, matched = score.max(dim=2)  # (B, R)
-        return torch.where(best < 1e-5, torch.full_like(matched, BACKGROUND), matched)
+        return torch.where(best < 1e-5, BACKGROUND, matched)

@@ -36,10 +36,10 @@ def label_focal_loss(logits: Tensor, labels: Tensor, weight: Tensor | None = Non
     neg = ((1 - alpha) * s.pow(gamma) * softplus).sum(-1)  # (B, R): every class as a negative
     fg = labels >= 0
     xp = torch.gather(x, -1, labels.clamp(min=0)[..., None])[..., 0]  # (B, R) logit of the labelled class
-    sp = torch.sigmoid(xp)
-    as_pos = alpha * (1 - sp).pow(gamma) * F.softplus(-xp)
-    as_neg = (1 - alpha) * sp.pow(gamma) * F.softplus(xp)
-    loss = neg + torch.where(fg, as_pos - as_neg, torch.zeros_like(neg))
+    sp, softplus_p = torch.sigmoid(xp), F.softplus(xp)
+    as_pos = alpha * (1 - sp).pow(gamma) * (softplus_p - xp)  # softplus(-x) = softplus(x) - x
+    as_neg = (1 - alpha) * sp.pow(gamma) * softplus_p
+    loss = neg + torch.where(fg, as_pos - as_neg, 0.0)
     return loss if weight is None else loss * weight
 
 

@@ -100,13 +100,16 @@ def grid_centres(sizes: Sequence[tuple[int, int]], strides: Sequence[int], offse
     """
     counts = [h * w for h, w in sizes]
     starts = [sum(counts[:i]) for i in range(len(counts))]
-    # per-level constants, gathered by each row's level: start, width, stride
-    table = torch.tensor([[s, w, st] for s, (_, w), st in zip(starts, sizes, strides)], device=device)
-    index = torch.arange(sum(counts), device=device)
-    level = torch.bucketize(index, torch.tensor(starts, device=device), right=True) - 1
-    start, width, stride = table[level].unbind(-1)
+    # per-level constants, gathered by each row's level: start, width, stride. The index arithmetic runs on
+    # float32 integers (exact below 2^24 rows), so no integer -> float conversions follow
+    # (3, L): indexing columns gives (3, N) rows that are contiguous
+    table = torch.tensor([starts, [w for _, w in sizes], list(strides)], device=device, dtype=torch.float32)
+    index = torch.arange(sum(counts), device=device, dtype=torch.float32)
+    level = torch.bucketize(index, torch.tensor(starts, device=device, dtype=torch.float32), right=True) - 1
+    start, width, stride = table[:, level].unbind(0)
     local = index - start
     yx = torch.stack([local % width, torch.div(local, width, rounding_mode="floor")], dim=-1)  # (N, 2) as x, y
-    stride = stride.to(dtype)
-    centres = (yx.to(dtype) + offset) * stride[:, None]
+    centres = (yx + offset) * stride[:, None]
+    if dtype != torch.float32:
+        centres, stride = centres.to(dtype), stride.to(dtype)
     return (centres, level, stride) if with_strides else (centres, level)
