@@ -3,6 +3,7 @@
 # (at most about 8 minutes of timeouts); pick them by argument, most urgent first:
 #   bash benchmarks/cuda_checks.sh dense          # issue 3's figures: loss/post grid and R18/R50 steps (~560 s)
 #   bash benchmarks/cuda_checks.sh two_stage seg  # Faster/Mask R-CNN and segmentation grids (~300 s)
+#   bash benchmarks/cuda_checks.sh gen            # own UNet vs diffusers UNet2DModel, eager/bf16/compile (~120 s)
 # Writes logs and JSON to ${OUT:-.}. Runs against the checkout (PYTHONPATH=.), using the machine's own
 # torch/torchvision/timm.
 set -uo pipefail
@@ -37,6 +38,11 @@ for part in $parts; do
       timeout 110 python3 benchmarks/segmentation.py --device cuda --modes eager bf16 --batches 8 --size 512 \
         --repeats 10 --json "$out/segmentation_cuda.json" 2>&1 | grep -vi warn | tee "$out/segmentation_cuda.txt"
       ;;
-    *) echo "unknown part $part (dense, two_stage, seg)" >&2 ;;
+    gen)
+      # diffusion denoisers at 64 px, batch 128: training step and denoiser call (diffusers needed on the machine)
+      timeout 150 python3 benchmarks/generative.py --device cuda --size 64 --batch 128 --modes eager bf16 compile \
+        --json "$out/generative_cuda.json" 2>&1 | grep -vi warn | tee "$out/generative_cuda.txt"
+      ;;
+    *) echo "unknown part $part (dense, two_stage, seg, gen)" >&2 ;;
   esac
 done
