@@ -44,7 +44,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-_DATA_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation")
+_DATA_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation",
+               "self_supervised")
 
 
 def _settings(args: argparse.Namespace):

@@ -29,10 +29,14 @@ import torch
 from torch import Tensor, nn
 
 # model task (zoo) for each dataset task (data registry): the pairs that train together
-TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation")
+TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation",
+                   "self_supervised")
 # model tasks that train on another task's datasets: generative models learn the images of a labelled set
 # (class-conditional ones use its labels)
-DATA_TASK = {"generation": "classification"}
+DATA_TASK = {"generation": "classification", "self_supervised": "classification"}
+# tasks whose baseline is not an image-blind `noop_*` model: a self-supervised method's floor is its own
+# backbone at random initialisation (`cvzoo.ssl.evaluate`)
+NO_NOOP_TASKS = ("self_supervised",)
 # `-m noop`: the image-blind baseline of the dataset's task
 NOOP_MODELS = {"detection": "noop_detector", "classification": "noop_classifier", "regression": "noop_regressor",
                "multitask": "noop_multitask", "segmentation": "noop_segmenter", "generation": "noop_generator"}
@@ -363,6 +367,8 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
 
     generation: the mean of each `model.loss` term (a VAE's negative ELBO, a diffusion model's denoising
     error; sample quality is measured by `cvzoo.generative.evaluate`);
+    self_supervised: the mean loss terms and the leave-one-out weighted 20-NN accuracy of the held-out images'
+    features (labels used for evaluation only);
     detection: COCO mAP, mAP50, mAP75, mAR100 (torchmetrics), with `per_class` also "AP/<class>" (COCO AP,
     -1 for a class without ground truth); classification: top-1 accuracy;
     regression: mean absolute and root-mean-square error; multitask: label accuracy, value MAE, keypoint MAE;
@@ -390,6 +396,19 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
             return out
         if task == "generation":
             return mean_losses(model, ((resize_for_generator(im, model), t) for im, t in batches))
+        if task == "self_supervised":
+            from cvzoo.ssl.evaluate import knn_accuracy
+
+            out = mean_losses(model, batches)
+            feats, labels = [], []
+            for images, targets in normalized(loader, model, device):  # the features of the held-out images
+                feats.append(model(images).float().cpu())
+                labels.append(torch.as_tensor(targets).cpu())
+            feats_all, labels_all = torch.cat(feats), torch.cat(labels).long()
+            k = min(20, feats_all.shape[0] - 1)
+            if k >= 1:
+                out["knn_accuracy"] = knn_accuracy(feats_all, labels_all, feats_all, labels_all, k=k)
+            return out
         if task == "segmentation":
             from cvzoo.segmentation.metrics import evaluate_segmentation
 

@@ -41,7 +41,7 @@ from cvzoo.heads import (
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
 TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection", "segmentation",
-         "generation")
+         "generation", "self_supervised")
 
 
 @dataclass(frozen=True)
@@ -541,6 +541,66 @@ def ncsn_digits(in_channels: int = 1, image_size: int = 16, **kwargs):
                 image_size=image_size, **kwargs)
 
 
+# ---- self-supervised pre-training (any classification set; the labels are only used to evaluate) ----------
+
+def _ssl_backbone(in_channels: int, pretrained: bool):
+    return resnet_micro(pretrained=pretrained, in_channels=in_channels, out_indices=(3,))
+
+
+def simclr_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
+    """SimCLR (NT-Xent, 64-d projection) on ResNet-micro; views built on the device."""
+    from cvzoo.ssl import SimCLR
+
+    return SimCLR(_ssl_backbone(in_channels, pretrained), projection_dim=64, hidden_dim=256, **kwargs)
+
+
+def moco_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
+    """MoCo v2 (momentum encoder, 4,096-key queue) on ResNet-micro."""
+    from cvzoo.ssl import MoCo
+
+    return MoCo(_ssl_backbone(in_channels, pretrained), version=2, projection_dim=64, hidden_dim=256, **kwargs)
+
+
+def byol_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
+    """BYOL (predictor, momentum target) on ResNet-micro."""
+    from cvzoo.ssl import BYOL
+
+    return BYOL(_ssl_backbone(in_channels, pretrained), projection_dim=64, hidden_dim=256, **kwargs)
+
+
+def simsiam_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
+    """SimSiam (predictor, stop-gradient) on ResNet-micro."""
+    from cvzoo.ssl import SimSiam
+
+    return SimSiam(_ssl_backbone(in_channels, pretrained), projection_dim=128, hidden_dim=256,
+                   prediction_hidden_dim=64, **kwargs)
+
+
+def barlow_twins_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
+    """Barlow Twins (256-d expander, lambda 1/256) on ResNet-micro."""
+    from cvzoo.ssl import BarlowTwins
+
+    kwargs.setdefault("lambd", 1 / 256)
+    return BarlowTwins(_ssl_backbone(in_channels, pretrained), projection_dim=256, hidden_dim=256, **kwargs)
+
+
+def vicreg_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
+    """VICReg (256-d expander) on ResNet-micro."""
+    from cvzoo.ssl import VICReg
+
+    return VICReg(_ssl_backbone(in_channels, pretrained), projection_dim=256, hidden_dim=256, **kwargs)
+
+
+def dino_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
+    """DINO (2 global + 4 local crops, 256 prototypes) on ResNet-micro."""
+    from cvzoo.ssl import DINO
+
+    return DINO(_ssl_backbone(in_channels, pretrained), out_dim=256, hidden_dim=256, bottleneck_dim=64, **kwargs)
+
+
+_SSL_TRAINING = {"augment": "none", "batch_size": 128, "steps": 1000, "lr": 2e-3, "weight_decay": 1e-4}
+
+
 # what a generative model needs from `cvzoo train` beyond the general defaults (no flips: digits are not
 # mirror-symmetric; no weight decay on GANs, DCGAN's lr)
 _GENERATIVE_TRAINING = {"augment": "none", "weight_decay": 0.0, "batch_size": 64}
@@ -587,6 +647,9 @@ def _entries() -> list[ZooEntry]:
         ZooEntry("ncsn_digits", ncsn_digits, "generation", train_defaults={**_DIFFUSION_TRAINING, "steps": 3000}),
         ZooEntry("noop_generator", noop_generator, "generation",
                  train_defaults={**_GENERATIVE_TRAINING, "lr": 0.05, "steps": 300}),
+        *(ZooEntry(f.__name__, f, "self_supervised", "augment", train_defaults=_SSL_TRAINING) for f in (
+            simclr_resnet_micro, moco_resnet_micro, byol_resnet_micro, simsiam_resnet_micro,
+            barlow_twins_resnet_micro, vicreg_resnet_micro, dino_resnet_micro)),
     ]
 
 

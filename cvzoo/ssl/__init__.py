@@ -20,6 +20,7 @@ from cvzoo.ssl.clip import (
     zero_shot_classifier,
 )
 from cvzoo.ssl.contrastive import MoCo, SimCLR, info_nce_loss, nt_xent_loss
+from cvzoo.ssl.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from cvzoo.ssl.gather import gather_with_grad, rank_and_world
 from cvzoo.ssl.heads import MLPHead
 from cvzoo.ssl.index import NearestNeighborIndex, SearchResult, mine_hard_negatives, recall_at_k
@@ -40,7 +41,8 @@ from cvzoo.ssl.views import MultiCrop, TwoViews, denormalize, ssl_augmentation
 
 __all__ = [
     "OpenCLIP", "ShapesCaptions", "TinyCLIP", "TinyTextEncoder", "WordTokenizer", "ZeroShotClassifier",
-    "clip_loss", "zero_shot_accuracy", "zero_shot_classifier",
+    "clip_loss", "zero_shot_accuracy", "zero_shot_classifier", "extract_features", "knn_accuracy",
+    "linear_probe_accuracy",
     "BYOL", "DINO", "BarlowTwins", "DINOHead", "MLPHead", "MarginSoftmaxLoss", "MemoryBankMiner", "MoCo",
     "MultiCrop", "NearestNeighborIndex", "Pairs", "SearchResult", "SimCLR", "SimSiam", "Triplets", "TwoViews",
     "VICReg", "all_pairs_miner", "barlow_twins_loss", "batch_hard_miner", "byol_loss", "contrastive_loss",
