@@ -232,7 +232,24 @@ class _ConvAutoEncoderBase(nn.Module):
         return (images * self._std + self._mean).clamp(0, 1)
 
 
-class AutoEncoder(_ConvAutoEncoderBase):
+class _VectorLatentMixin:
+    """Decoding of a latent vector (AutoEncoder, VAE): `from_latent` to the deepest map, then the decoder."""
+
+    latent_dim: int
+    latent_size: int
+    from_latent: nn.Module
+    decoder: nn.Module
+
+    def _decode_raw(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> the decoder's raw output (B, C, S, S)."""
+        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"z must be a (B, {self.latent_dim}) tensor, got "
+                             f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        h = self.from_latent(z).view(z.shape[0], -1, self.latent_size, self.latent_size)  # (B, W_L, h, h)
+        return self.decoder(h)
+
+
+class AutoEncoder(_VectorLatentMixin, _ConvAutoEncoderBase):
     """Deterministic autoencoder. (B, C, S, S) normalised images -> latent (B, latent_dim) -> (B, C, S, S).
 
     The encoder's last map (B, C_L, S / s, S / s) is flattened and mapped by a Linear to `latent_dim`; a Linear
@@ -269,11 +286,7 @@ class AutoEncoder(_ConvAutoEncoderBase):
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, latent_dim) -> images (B, C, S, S) in the normalised space."""
-        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"z must be a (B, {self.latent_dim}) tensor, got "
-                             f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
-        h = self.from_latent(z).view(z.shape[0], -1, self.latent_size, self.latent_size)  # (B, W_L, h, h)
-        return self.decoder(h)
+        return self._decode_raw(z)
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, S, S) normalised -> reconstruction (B, C, S, S) normalised."""
@@ -297,7 +310,7 @@ class VAEOutput(NamedTuple):
     log_var: Tensor  # (B, latent_dim) posterior log-variance
 
 
-class VAE(_ConvAutoEncoderBase):
+class VAE(_VectorLatentMixin, _ConvAutoEncoderBase):
     """Variational autoencoder (Kingma & Welling 2014) with a beta-weighted KL (Higgins et al. 2017).
 
     (B, C, S, S) -> q(z|x) = N(mean, diag(exp(log_var))), z (B, latent_dim) by reparameterisation -> p(x|z).
@@ -362,13 +375,6 @@ class VAE(_ConvAutoEncoderBase):
         stats = self.to_posterior(self._features(images).flatten(1))  # (B, 2 * latent_dim)
         mean, log_var = stats.chunk(2, dim=1)
         return mean, log_var.clamp(-30.0, 20.0)  # keeps exp(log_var) finite early in training
-
-    def _decode_raw(self, z: Tensor) -> Tensor:
-        if not isinstance(z, Tensor) or z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"z must be a (B, {self.latent_dim}) tensor, got "
-                             f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
-        h = self.from_latent(z).view(z.shape[0], -1, self.latent_size, self.latent_size)  # (B, W_L, h, h)
-        return self.decoder(h)
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, latent_dim) -> the mean of p(x|z), (B, C, S, S) in the normalised space (Bernoulli: probabilities)."""

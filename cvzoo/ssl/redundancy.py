@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from cvzoo.ssl.gather import gather_with_grad, rank_and_world
 from cvzoo.ssl.heads import MLPHead
 from cvzoo.ssl.method import _check_positive_int, _check_size, _feature_dim, _pool, _ViewsMixin
-from cvzoo.ssl.views import TwoViews, ssl_augmentation
+from cvzoo.ssl.views import byol_views
 from cvzoo.types import Signature
 
 
@@ -138,8 +138,7 @@ class _TwoViewEmbedding(_ViewsMixin, nn.Module):
         self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
 
     def _default_views(self, size: tuple[int, int]) -> nn.Module:
-        return TwoViews(ssl_augmentation(size, scale=(0.08, 1.0), blur=1.0),
-                        ssl_augmentation(size, scale=(0.08, 1.0), blur=0.1, solarize=0.2))
+        return byol_views(size)
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) normalised -> (B, D) pooled backbone features."""

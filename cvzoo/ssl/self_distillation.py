@@ -32,7 +32,7 @@ from cvzoo.ssl.method import (
     _ViewsMixin,
 )
 from cvzoo.ssl.momentum import momentum_copy
-from cvzoo.ssl.views import MultiCrop, TwoViews, ssl_augmentation
+from cvzoo.ssl.views import MultiCrop, TwoViews, byol_views, ssl_augmentation
 from cvzoo.types import Signature
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,8 +197,7 @@ class BYOL(_ViewsMixin, _MomentumMixin, nn.Module):
         self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
 
     def _default_views(self, size: tuple[int, int]) -> nn.Module:
-        return TwoViews(ssl_augmentation(size, scale=(0.08, 1.0), blur=1.0),
-                        ssl_augmentation(size, scale=(0.08, 1.0), blur=0.1, solarize=0.2))
+        return byol_views(size)
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) normalised -> (B, D) pooled features of the online backbone."""

@@ -35,6 +35,13 @@ def ssl_augmentation(size: int | Sequence[int], *, scale: tuple[float, float] = 
                   [ka.RandomSolarize(0.0, 0.0, p=solarize)] if solarize > 0 else [])
 
 
+def byol_views(size: int | Sequence[int]) -> TwoViews:
+    """BYOL's asymmetric pair (also Barlow Twins' and VICReg's): crops of 8-100%, blur with probability 1.0
+    and 0.1, solarisation 0 and 0.2."""
+    return TwoViews(ssl_augmentation(size, scale=(0.08, 1.0), blur=1.0),
+                    ssl_augmentation(size, scale=(0.08, 1.0), blur=0.1, solarize=0.2))
+
+
 class _Views(nn.Module):
     def __init__(self, geometric: list[nn.Module], colour: list[nn.Module], blur: list[nn.Module],
                  solarize: list[nn.Module]) -> None:
