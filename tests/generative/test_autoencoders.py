@@ -41,13 +41,7 @@ def _normalised(n: int = 4, size: int = 16, channels: int = 1, seed: int = 1) ->
     return _unit_images(n, size, channels, seed) * 2 - 1  # mean 0.5, std 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than contending for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- encoder/decoder

@@ -18,13 +18,7 @@ from cvzoo.generative.diffusion import GaussianDiffusion
 from cvzoo.generative.gan import DCGANGenerator
 from cvzoo.types import Signature
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyScorer(nn.Module):

@@ -224,16 +224,7 @@ def _two_halves(n, gen):
     return (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(-1, 1), labels
 
 
-@pytest.fixture
-def _one_thread():
-    # a 3k-parameter model: intra-op threads are pure overhead, and on a busy machine they spin for cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_conditional_gan_learns_two_classes(_one_thread):
+def test_conditional_gan_learns_two_classes(one_thread):
     gen = torch.Generator().manual_seed(0)
     g = DCGANGenerator(latent_dim=8, image_size=8, base_channels=8, num_classes=2)
     d = DCGANDiscriminator(image_size=8, base_channels=8, num_classes=2, norm_layer=None)

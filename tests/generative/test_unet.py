@@ -8,14 +8,7 @@ from cvzoo.generative.unet import AttentionBlock, DiffusersUNet, ResBlock, UNet,
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared, loaded CPU two OpenMP threads can make a
-    # training step 100x slower (spin-waiting); restored afterwards
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

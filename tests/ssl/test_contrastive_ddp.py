@@ -23,12 +23,7 @@ WORKER = Path(__file__).with_name("contrastive_ddp_worker.py")
 WORLD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:

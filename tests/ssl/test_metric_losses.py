@@ -18,12 +18,7 @@ pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=14, d=5, classes=4, seed=0, dtype=torch.float64):

@@ -11,13 +11,7 @@ from cvzoo.ssl.momentum import cosine_momentum, momentum_copy, update_momentum
 from cvzoo.ssl.views import MultiCrop, TwoViews, denormalize, ssl_augmentation
 from cvzoo.types import Signature
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- momentum ----------------------------------------------------------------------------------------
