@@ -10,7 +10,6 @@ where used.
 
 from cvzoo.ssl.clip import (
     OpenCLIP,
-    ShapesCaptions,
     TinyCLIP,
     TinyTextEncoder,
     WordTokenizer,
@@ -40,7 +39,7 @@ from cvzoo.ssl.self_distillation import BYOL, DINO, DINOHead, SimSiam, byol_loss
 from cvzoo.ssl.views import MultiCrop, TwoViews, denormalize, ssl_augmentation
 
 __all__ = [
-    "OpenCLIP", "ShapesCaptions", "TinyCLIP", "TinyTextEncoder", "WordTokenizer", "ZeroShotClassifier",
+    "OpenCLIP", "TinyCLIP", "TinyTextEncoder", "WordTokenizer", "ZeroShotClassifier",
     "clip_loss", "zero_shot_accuracy", "zero_shot_classifier", "extract_features", "knn_accuracy",
     "linear_probe_accuracy",
     "BYOL", "DINO", "BarlowTwins", "DINOHead", "MLPHead", "MarginSoftmaxLoss", "MemoryBankMiner", "MoCo",

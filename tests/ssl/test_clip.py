@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvzoo.backbones import ResNet
+from cvzoo.data.shape_captions import DEFAULT_HELD_OUT, SHAPE_COLOURS, ShapesCaptions
 from cvzoo.ssl.clip import (
-    DEFAULT_HELD_OUT,
     EOT_ID,
     PAD_ID,
-    SHAPE_COLOURS,
     UNK_ID,
     OpenCLIP,
-    ShapesCaptions,
     TinyCLIP,
     TinyTextEncoder,
     WordTokenizer,
@@ -61,7 +59,7 @@ def tiny_backbone(seed: int = 0) -> ResNet:
 
 
 def tiny_clip(seed: int = 0, pool: str = "eot", causal: bool = True) -> TinyCLIP:
-    tok = WordTokenizer(ShapesCaptions(num_images=1).vocabulary, context_length=8)
+    tok = WordTokenizer(ShapesCaptions.vocabulary_of(), context_length=8)
     torch.manual_seed(seed)
     text = TinyTextEncoder(tok.vocab_size, width=16, layers=1, heads=2, context_length=8, pool=pool, causal=causal)
     return TinyCLIP(tiny_backbone(seed), text, embed_dim=16, tokenizer=tok)
@@ -306,9 +304,9 @@ def test_tiny_clip_contract():
 
 
 def test_tiny_clip_trains_on_shapes_captions():
-    data = ShapesCaptions("train", num_images=64, image_size=16)
     model = tiny_clip()
-    assert model.tokenizer.words == data.tokenizer.words
+    data = ShapesCaptions("train", num_images=64, image_size=16, tokenizer=model.tokenizer)
+    assert ShapesCaptions.vocabulary_of() == data.vocabulary
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
@@ -334,7 +332,8 @@ def test_held_out_split_excludes_the_combinations():
     pairs = {seen.describe(i)[:2] for i in range(len(seen))}
     assert not pairs & held
     assert len(pairs) == len(SHAPE_COLOURS) * 4 - len(held)  # every other pair is drawn
-    test = ShapesCaptions("test", num_images=60, image_size=16, combinations="held_out")
+    tokenizer = WordTokenizer(ShapesCaptions.vocabulary_of(), context_length=8)
+    test = ShapesCaptions("test", num_images=60, image_size=16, combinations="held_out", tokenizer=tokenizer)
     assert {test.describe(i)[:2] for i in range(len(test))} == held
     everything = ShapesCaptions("val", num_images=300, image_size=16, combinations="all")
     assert len({everything.describe(i)[:2] for i in range(len(everything))}) == len(SHAPE_COLOURS) * 4
@@ -353,7 +352,8 @@ def test_held_out_split_excludes_the_combinations():
 
 def test_shapes_captions_is_seeded_and_validates():
     a, b = ShapesCaptions("train", num_images=5, image_size=16), ShapesCaptions("train", num_images=5, image_size=16)
-    assert all(torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]) for i in range(5))
+    assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in range(5))
+    assert isinstance(a[0][1], str)  # no tokenizer: the caption itself
     c = ShapesCaptions("val", num_images=5, image_size=16)
     assert not torch.equal(a[0][0], c[0][0])
     with pytest.raises(ValueError, match="held_out pair"):
