@@ -30,19 +30,24 @@ from torch import Tensor, nn
 
 # model task (zoo) for each dataset task (data registry): the pairs that train together
 TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation",
-                   "self_supervised")
+                   "self_supervised", "few_shot", "debiasing")
 # model tasks that train on another task's datasets: generative models learn the images of a labelled set
 # (class-conditional ones use its labels)
-DATA_TASK = {"generation": "classification", "self_supervised": "classification"}
+DATA_TASK = {"generation": "classification", "self_supervised": "classification", "few_shot": "classification"}
 # tasks whose baseline is not an image-blind `noop_*` model: a self-supervised method's floor is its own
-# backbone at random initialisation (`cvzoo.ssl.evaluate`)
-NO_NOOP_TASKS = ("self_supervised",)
+# backbone at random initialisation (`cvzoo.ssl.evaluate`), a few-shot learner's is nearest neighbour on random
+# features, a debiasing model's is the plain model (`erm_resnet_micro`)
+NO_NOOP_TASKS = ("self_supervised", "few_shot", "debiasing")
+# few-shot evaluation: episodes of each shot count on the held-out classes of the held-out split
+FEW_SHOT_EVAL_SHOTS = (1, 5)
+FEW_SHOT_EVAL_EPISODES = 100
 # `-m noop`: the image-blind baseline of the dataset's task
 NOOP_MODELS = {"detection": "noop_detector", "classification": "noop_classifier", "regression": "noop_regressor",
                "multitask": "noop_multitask", "segmentation": "noop_segmenter", "generation": "noop_generator"}
 DEFAULT_MODEL = "fcos_micro"
 DEFAULT_DATASET = "shapes"
-HELD_OUT_SPLIT = {"digits": "test", "cifar10": "test"}  # the split validated on, where there is no "val"
+# the split validated on, where there is no "val"
+HELD_OUT_SPLIT = {"digits": "test", "coloured-digits": "test", "cifar10": "test"}
 
 
 def held_out_split(dataset_name: str) -> str:
@@ -369,6 +374,8 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
     error; sample quality is measured by `cvzoo.generative.evaluate`);
     self_supervised: the mean loss terms and the leave-one-out weighted 20-NN accuracy of the held-out images'
     features (labels used for evaluation only);
+    few_shot: N-way 1- and 5-shot accuracy on episodes of the held-out classes (`few_shot_metrics`);
+    debiasing: label accuracy and the model's adversary's accuracy on the nuisance (e.g. colour);
     detection: COCO mAP, mAP50, mAP75, mAR100 (torchmetrics), with `per_class` also "AP/<class>" (COCO AP,
     -1 for a class without ground truth); classification: top-1 accuracy;
     regression: mean absolute and root-mean-square error; multitask: label accuracy, value MAE, keypoint MAE;
@@ -409,6 +416,17 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
             if k >= 1:
                 out["knn_accuracy"] = knn_accuracy(feats_all, labels_all, feats_all, labels_all, k=k)
             return out
+        if task == "few_shot":
+            return few_shot_metrics(model, loader.dataset, device)  # type: ignore[attr-defined]
+        if task == "debiasing":  # label accuracy, and how well the model's own adversary still reads the nuisance
+            correct = adversary_correct = total = 0
+            for images, targets in batches:
+                out = model(images)
+                correct += int((out.logits.argmax(-1).cpu() == targets["label"]).sum())
+                adversary_correct += int((out.adversary_logits.argmax(-1).cpu() == targets[model.adversary_target])
+                                         .sum())
+                total += len(targets["label"])
+            return {"accuracy": correct / max(total, 1), "adversary_accuracy": adversary_correct / max(total, 1)}
         if task == "segmentation":
             from cvzoo.segmentation.metrics import evaluate_segmentation
 
@@ -542,8 +560,12 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
     if task == "detection":
         check_target_fields(model, info)
     collate = collate_for(task, target_keys(model))
-    train_loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
-                              collate_fn=collate, num_workers=settings.num_workers)
+    if task == "few_shot":  # episodes of the base classes; the held-out classes are for evaluation
+        train_loader = episodic_loader(model, train_set, episodes=steps or 1000, num_workers=settings.num_workers,
+                                       seed=settings.seed)
+    else:
+        train_loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
+                                  collate_fn=collate, num_workers=settings.num_workers)
     val_loader = DataLoader(val_set, batch_size=32, shuffle=False, collate_fn=collate,
                             num_workers=settings.num_workers)
     tracker = create_tracker(run_dir, config=run, resume=settings.resume is not None) if main_process else None
@@ -585,6 +607,38 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
     else:
         metrics = {}
     return {"metrics": metrics, "run_dir": run_dir, "seconds": seconds, "steps": trainer.step, "interrupted": False}
+
+
+def episodic_loader(model: nn.Module, dataset: Any, episodes: int, num_workers: int = 0, seed: int = 0):
+    """A DataLoader of the model's N-way K-shot episodes (`model.n_way`, `k_shot`, `query`) over the base
+    classes of `dataset` (`cvzoo.adapt.split_classes`: the first half)."""
+    from torch.utils.data import DataLoader
+
+    from cvzoo.adapt import EpisodeCollate, EpisodicBatchSampler, split_classes
+
+    base, _ = split_classes(len(dataset.classes))
+    sampler = EpisodicBatchSampler(dataset.labels, model.n_way, model.k_shot, model.query, episodes, classes=base,
+                                   seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=EpisodeCollate(model.n_way, model.k_shot,
+                                                                                model.query),
+                      num_workers=num_workers)
+
+
+def few_shot_metrics(model: nn.Module, dataset: Any, device: torch.device, shots: Sequence[int] = FEW_SHOT_EVAL_SHOTS,
+                     episodes: int = FEW_SHOT_EVAL_EPISODES, query: int = 15) -> dict[str, float]:
+    """`model.n_way`-way accuracy on episodes of the held-out (novel) classes of `dataset`, one figure per shot
+    count ("5way_1shot_accuracy", ...), with the 95% interval half-widths ("..._ci95")."""
+    from cvzoo.adapt import few_shot_accuracy, split_classes
+
+    _, novel = split_classes(len(dataset.classes))
+    out = {}
+    for k in shots:
+        acc, ci = few_shot_accuracy(model.predict, dataset, n_way=model.n_way, k_shot=k, query=query,
+                                    episodes=episodes, classes=novel, transform=model.signature.normalize,
+                                    device=device)
+        out[f"{model.n_way}way_{k}shot_accuracy"] = acc
+        out[f"{model.n_way}way_{k}shot_ci95"] = ci
+    return out
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:

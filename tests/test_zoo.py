@@ -119,6 +119,12 @@ def test_declared_outputs_match_real_outputs(name):
         assert out.aux_logits is None or out.aux_logits.shape == out.logits.shape
     elif task == "self_supervised":  # the pooled backbone features kept after pre-training
         assert out.shape == (2, model.backbone.feature_info[-1].channels)
+    elif task == "few_shot":  # ProtoNet: embeddings; MAML/ANIL: the unadapted n_way logits
+        width = model.embedding_dim if hasattr(model, "embedding_dim") else model.n_way
+        assert out.shape == (2, width)
+    elif task == "debiasing":
+        assert out._fields == model.signature.outputs
+        assert out.logits.shape == (2, model.num_classes) and out.adversary_logits.shape == (2, model.num_domains)
     else:
         assert set(out) == set(model.signature.outputs) == set(model.tasks)
     assert all(torch.isfinite(t).all() for t in _tensors(out))

@@ -22,6 +22,7 @@ from cvzoo.data.adapters import (
 )
 from cvzoo.data.archive import extract_archive, extraction_marker, is_extracted
 from cvzoo.data.collate import classification_collate, detection_collate, segmentation_collate
+from cvzoo.data.coloured_digits import ColouredDigits
 from cvzoo.data.digits import DIGIT_CLASSES, Digits
 from cvzoo.data.info import DatasetInfo
 from cvzoo.data.photos import PHOTO_NAMES, sample_photos
@@ -36,12 +37,15 @@ from cvzoo.data.robust import (
     robust_collate,
 )
 from cvzoo.data.segmentation_folder import SegmentationFolder
+from cvzoo.data.shape_captions import ShapesCaptions
 from cvzoo.data.shapes import CLASSES as SHAPES_CLASSES
 from cvzoo.data.shapes import SEGMENTATION_CLASSES, Shapes, shape_price
 
 __all__ = [
     "SEGMENTATION_CLASSES",
     "SegmentationFolder",
+    "ShapesCaptions",
+    "ColouredDigits",
     "segmentation_collate",
     "DATASETS",
     "DataLoadingError",

@@ -42,6 +42,12 @@ def _digits(split: str, **kwargs) -> Dataset:
     return Digits(split=split, **kwargs)
 
 
+def _coloured_digits(split: str, **kwargs) -> Dataset:
+    from cvzoo.data.coloured_digits import ColouredDigits
+
+    return ColouredDigits(split=split, **kwargs)
+
+
 def _voc(split: str, root: str, **kwargs) -> Dataset:
     from cvzoo.data.adapters import VOCDetectionDataset
 
@@ -94,6 +100,9 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in (
     DatasetEntry("shapes-segmentation", _shapes("segmentation"), "segmentation",
                  "synthetic shapes: a (H, W) mask, 0 background and 1 + class per visible object"),
     DatasetEntry("digits", _digits, "classification", "scikit-learn's 8 x 8 handwritten digits, resized",
+                 extra="data"),
+    DatasetEntry("coloured-digits", _coloured_digits, "debiasing",
+                 "digits painted in colours tied to the class in training (95%), random at test: a spurious cue",
                  extra="data"),
     DatasetEntry("voc", _voc, "detection", "Pascal VOC detection at root/VOCdevkit/VOC<year>", needs_root=True),
     DatasetEntry("voc-segmentation", _voc_segmentation, "segmentation",
