@@ -13,7 +13,8 @@ from cvzoo.types import FeatureInfo, Signature
 __version__ = "0.1.0"
 
 _SUBPACKAGES = ("layers", "backbones", "necks", "heads", "classification", "detection", "data", "augment", "train",
-                "explain", "visualize", "experiment", "profiling", "zoo", "cli")
+                "explain", "visualize", "experiment", "profiling", "zoo", "cli", "segmentation", "generative", "ssl",
+                "adapt", "implicit", "hyper")
 
 __all__ = ["FeatureInfo", "Signature", "__version__", *_SUBPACKAGES]
 

@@ -229,6 +229,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from cvzoo.image_index import build_index
+
+    if (args.run is None) == (args.model is None):
+        raise ValueError("pass exactly one of --run (a trained run directory) or -m/--model (a zoo model)")
+    spec = {"run": args.run} if args.run else {"model": args.model, "checkpoint": args.checkpoint}
+    count = build_index(args.folder, args.out, spec, size=args.size, backend=args.backend, metric=args.metric)
+    print(f"indexed {count} images of {args.folder} ({args.backend}, {args.metric}) into {args.out}")
+    return 0
+
+
+def _cmd_index_search(args: argparse.Namespace) -> int:
+    from cvzoo.image_index import search_index
+
+    for query, hits in zip(args.images, search_index(args.index, args.images, k=args.k)):
+        print(query)
+        for rank, (path, score) in enumerate(hits, 1):
+            print(f"  {rank}. {path}  {score:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvzoo", description="cvzoo: composable computer-vision parts for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the map in the overlay")
     p.add_argument("--out", default="explanations")
     p.set_defaults(func=_cmd_explain)
+    from cvzoo.ssl.index import BACKENDS, METRICS
+
+    p = sub.add_parser("index", help="nearest-neighbour index of an image folder: build, then search by image")
+    actions = p.add_subparsers(dest="action", required=True)
+    b = actions.add_parser("build", help="embed every image under a folder and save the index")
+    b.add_argument("folder")
+    b.add_argument("--out", required=True, help="index directory to write")
+    b.add_argument("--run", default=None, help="embed with a trained run (classifier or self-supervised)")
+    b.add_argument("-m", "--model", default=None, help="or a zoo model (random init unless --checkpoint)")
+    b.add_argument("--checkpoint", default=None, help="weights for -m: .safetensors, trainer .pt or run directory")
+    b.add_argument("--size", type=int, default=64, help="images are resized to size x size (default 64)")
+    b.add_argument("--backend", choices=BACKENDS, default="torch")
+    b.add_argument("--metric", choices=METRICS, default="cosine")
+    b.set_defaults(func=_cmd_index_build)
+    s = actions.add_parser("search", help="the nearest indexed images of query images")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--index", required=True, help="directory written by `cvzoo index build`")
+    s.add_argument("-k", type=int, default=5)
+    s.set_defaults(func=_cmd_index_search)
+    from cvzoo.hyper.cli import add_parsers as add_tune_parser
+
+    add_tune_parser(sub)
     p = sub.add_parser("info", help="build a zoo entry, run one image through it and print what it returns")
     p.add_argument("name")
     p.add_argument("--size", nargs=2, type=int, default=(320, 320), metavar=("H", "W"))

@@ -41,7 +41,7 @@ from cvzoo.heads import (
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
 TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection", "segmentation",
-         "generation", "self_supervised")
+         "generation", "self_supervised", "few_shot", "debiasing")
 
 
 @dataclass(frozen=True)
@@ -598,6 +598,71 @@ def dino_resnet_micro(in_channels: int = 3, pretrained: bool = False, **kwargs):
     return DINO(_ssl_backbone(in_channels, pretrained), out_dim=256, hidden_dim=256, bottleneck_dim=64, **kwargs)
 
 
+def hyper_classifier(num_classes: int = 10, in_channels: int = 3, **params) -> ImageClassifier:
+    """Searchable classifier (`cvzoo tune`): any point of `cvzoo.hyper.classifier_space`, ResNet-micro by default."""
+    from cvzoo.hyper import hyper_classifier as build
+
+    return build(num_classes=num_classes, in_channels=in_channels, **params)
+
+
+# ---- few-shot, debiasing (cvzoo.adapt) -------------------------------------------------------------------
+
+def protonet_resnet_micro(in_channels: int = 3, n_way: int = 5, k_shot: int = 5, query: int = 5,
+                          pretrained: bool = False, **kwargs):
+    """Prototypical network on ResNet-micro, 5-way 5-shot episodes (Euclidean prototypes)."""
+    from cvzoo.adapt import ProtoNet
+
+    return ProtoNet(_ssl_backbone(in_channels, pretrained), n_way=n_way, k_shot=k_shot, query=query, **kwargs)
+
+
+def _few_shot_classifier(in_channels: int, n_way: int, pretrained: bool) -> ImageClassifier:
+    backbone = _ssl_backbone(in_channels, pretrained)
+    return ImageClassifier(backbone, ClassificationHead(backbone.feature_info[-1].channels, n_way))
+
+
+def maml_resnet_micro(in_channels: int = 3, n_way: int = 5, k_shot: int = 5, query: int = 5,
+                      pretrained: bool = False, **kwargs):
+    """MAML (second order, 1 inner step of 0.4) on a ResNet-micro 5-way classifier, 5-shot episodes."""
+    from cvzoo.adapt import MAML
+
+    kwargs.setdefault("eval_inner_steps", 5)
+    return MAML(_few_shot_classifier(in_channels, n_way, pretrained), n_way=n_way, k_shot=k_shot, query=query,
+                **kwargs)
+
+
+def anil_resnet_micro(in_channels: int = 3, n_way: int = 5, k_shot: int = 5, query: int = 5,
+                      pretrained: bool = False, **kwargs):
+    """ANIL (MAML adapting the head only, 5 inner steps) on a ResNet-micro 5-way classifier."""
+    from cvzoo.adapt import MAML
+
+    kwargs.setdefault("inner_steps", 5)
+    kwargs.setdefault("eval_inner_steps", 10)
+    return MAML(_few_shot_classifier(in_channels, n_way, pretrained), n_way=n_way, k_shot=k_shot, query=query,
+                adapt="head", **kwargs)
+
+
+def dann_resnet_micro(num_classes: int = 10, num_domains: int = 10, in_channels: int = 3, pretrained: bool = False,
+                      **kwargs):
+    """DANN on ResNet-micro: label head + colour adversary behind gradient reversal (scheduled over 1,500 steps)."""
+    from cvzoo.adapt import DANN
+
+    kwargs.setdefault("schedule_steps", 1500)
+    kwargs.setdefault("adversary_target", "colour")
+    kwargs.setdefault("adversary_sees_label", True)
+    return DANN(_ssl_backbone(in_channels, pretrained), num_classes, num_domains, **kwargs)
+
+
+def erm_resnet_micro(num_classes: int = 10, num_domains: int = 10, in_channels: int = 3, pretrained: bool = False,
+                     **kwargs):
+    """The plain model DANN is measured against: the same parts, reversal 0 (the adversary only probes)."""
+    kwargs.setdefault("adversary_target", "colour")
+    return dann_resnet_micro(num_classes, num_domains, in_channels, pretrained, reversal=0.0, schedule_steps=None,
+                             **kwargs)
+
+
+# episodes are batches (their size is fixed by n_way, k_shot and query); no flips (digits are not symmetric)
+_FEW_SHOT_TRAINING = {"augment": "none", "steps": 600, "lr": 1e-3, "weight_decay": 1e-4}
+_DEBIASING_TRAINING = {"augment": "none", "steps": 1500, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4}
 _SSL_TRAINING = {"augment": "none", "batch_size": 128, "steps": 1000, "lr": 2e-3, "weight_decay": 1e-4}
 
 
@@ -622,6 +687,7 @@ def _entries() -> list[ZooEntry]:
             resnet_micro_classifier, convnext_micro_classifier, resnet18_classifier, resnet50_classifier,
             convnext_atto_classifier)),
         ZooEntry("noop_classifier", noop_classifier, "classification"),
+        ZooEntry("hyper_classifier", hyper_classifier, "classification"),
         ZooEntry("resnet_micro_regressor", resnet_micro_regressor, "regression"),
         ZooEntry("noop_regressor", noop_regressor, "regression"),
         ZooEntry("resnet_micro_multitask", resnet_micro_multitask, "multitask"),
@@ -650,6 +716,10 @@ def _entries() -> list[ZooEntry]:
         *(ZooEntry(f.__name__, f, "self_supervised", "augment", train_defaults=_SSL_TRAINING) for f in (
             simclr_resnet_micro, moco_resnet_micro, byol_resnet_micro, simsiam_resnet_micro,
             barlow_twins_resnet_micro, vicreg_resnet_micro, dino_resnet_micro)),
+        *(ZooEntry(f.__name__, f, "few_shot", train_defaults=_FEW_SHOT_TRAINING) for f in (
+            protonet_resnet_micro, maml_resnet_micro, anil_resnet_micro)),
+        *(ZooEntry(f.__name__, f, "debiasing", train_defaults=_DEBIASING_TRAINING) for f in (
+            dann_resnet_micro, erm_resnet_micro)),
     ]
 
 
