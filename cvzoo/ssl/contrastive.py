@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from cvzoo.ssl.gather import gather_with_grad, rank_and_world
 from cvzoo.ssl.heads import MLPHead
-from cvzoo.ssl.momentum import cosine_momentum, momentum_copy, update_momentum
-from cvzoo.ssl.views import TwoViews, denormalize, ssl_augmentation
-from cvzoo.types import cast_like_parameters
+from cvzoo.ssl.method import _check_size, _feature_dim, _MomentumMixin, _pool, _ViewsMixin
+from cvzoo.ssl.momentum import momentum_copy
+from cvzoo.ssl.views import TwoViews, ssl_augmentation
 
 
 def _check_temperature(temperature: object) -> float:
@@ -128,55 +128,39 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def _pool(feats: list[Tensor]) -> Tensor:
-    """The backbone's last map, global-average pooled: (B, C, h, w) -> (B, C)."""
-    return feats[-1].mean((2, 3))
-
-
-class _TwoViewMethod(nn.Module):
+class _TwoViewMethod(_ViewsMixin, nn.Module):
     """What SimCLR and MoCo share: the backbone, its signature and pooled features, and the two views built
-    from a normalised batch inside `loss`."""
+    from a normalised batch inside `loss` (`_ViewsMixin`, with the global-batch check of in-batch negatives)."""
 
     def __init__(self, backbone: nn.Module, views: nn.Module | None, image_size: int | tuple[int, int] | None,
                  owner: str) -> None:
         super().__init__()
-        if not isinstance(backbone, nn.Module) or not hasattr(backbone, "feature_info") or \
-                not hasattr(backbone, "signature"):
-            raise ValueError(f"{owner} needs a backbone (an nn.Module with feature_info and signature, returning "
-                             f"a list of maps), got {type(backbone).__name__}")
+        self.feature_dim: int = _feature_dim(backbone, owner)
         if views is not None and not isinstance(views, nn.Module):
             raise ValueError(f"views must be an nn.Module returning two views, or None, got {type(views).__name__}")
         self.backbone = backbone
         self.signature = backbone.signature
-        self.feature_dim: int = backbone.feature_info[-1].channels
-        self.image_size = image_size
-        if views is None and image_size is not None:
-            views = TwoViews(ssl_augmentation(image_size))
-        self.views = views
-        self._auto_size: tuple[int, int] | None = None  # input size of views built lazily (image_size=None)
+        self.image_size = _check_size("image_size", image_size)
+        self._auto_views = None
+        self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
+
+    def _default_views(self, size: tuple[int, int]) -> nn.Module:
+        return TwoViews(ssl_augmentation(size))
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, C, H, W) normalised images -> the backbone's pooled features (B, feature_dim)."""
-        return _pool(self.backbone(images))
+        return _pool(self.backbone, images)
 
     def _two_views(self, images: Tensor, min_global_batch: int) -> tuple[Tensor, Tensor]:
         """Normalised (B, C, H, W) -> two normalised augmented views, from the images in [0, 1]."""
-        images = cast_like_parameters(self.signature.validate(images), self)
-        b = images.shape[0]
         world = rank_and_world()[1]
-        if b * world < min_global_batch:
+        if isinstance(images, Tensor) and images.ndim == 4 and images.shape[0] * world < min_global_batch:
+            b = images.shape[0]
             raise ValueError(f"{type(self).__name__} needs a global batch of at least {min_global_batch} images "
                              f"(the negatives are the other images), got batch size {b * world} ({b} per rank x "
                              f"{world} ranks)")
-        size = (images.shape[-2], images.shape[-1])
-        if self.views is None or (self._auto_size is not None and self._auto_size != size):
-            self.views, self._auto_size = TwoViews(ssl_augmentation(size)), size  # no state: nothing to restore
-        pixels = denormalize(images, self.signature.mean, self.signature.std).clamp(0, 1)
-        views = self.views(pixels)
-        if not isinstance(views, (list, tuple)) or len(views) != 2:
-            raise ValueError(f"views must return two (B, C, h, w) tensors, got "
-                             f"{len(views) if isinstance(views, (list, tuple)) else type(views).__name__}")
-        return self.signature.normalize(views[0]), self.signature.normalize(views[1])
+        v1, v2 = self._make_views(images, min_batch=1, num_views=2)
+        return v1, v2
 
 
 class SimCLR(_TwoViewMethod):
@@ -212,7 +196,7 @@ class SimCLR(_TwoViewMethod):
         return {"loss": nt_xent_loss(z1, z2, self.temperature)}
 
 
-class MoCo(_TwoViewMethod):
+class MoCo(_MomentumMixin, _TwoViewMethod):
     """Momentum contrast: MoCo v2 (Chen et al. 2020) and MoCo v3 (Chen, Xie & He 2021), symmetrised.
 
     The query encoder is `backbone` + `projector` (+ `predictor` for v3); the key encoder (`target_backbone`,
@@ -263,19 +247,10 @@ class MoCo(_TwoViewMethod):
         self.target_backbone = momentum_copy(self.backbone)
         self.target_projector = momentum_copy(self.projector)
 
-    def current_momentum(self) -> Tensor:
-        """The momentum of the next update: a 0-d float32 tensor (on the step buffer's device)."""
-        if self.max_steps is None:
-            return torch.tensor(self.base_momentum, device=self.step.device)
-        return cosine_momentum(self.step, self.max_steps, self.base_momentum, self.final_momentum)
-
     @torch.no_grad()
     def update_target(self) -> None:
         """One momentum step of the key encoder towards the query encoder, and `step += 1`."""
-        m = self.current_momentum()
-        update_momentum(self.backbone, self.target_backbone, m)
-        update_momentum(self.projector, self.target_projector, m)
-        self.step.add_(1)
+        self._step_momentum([(self.backbone, self.target_backbone), (self.projector, self.target_projector)])
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
@@ -297,7 +272,7 @@ class MoCo(_TwoViewMethod):
 
     @torch.no_grad()
     def _key(self, x: Tensor) -> Tensor:
-        return self.target_projector(_pool(self.target_backbone(x)))
+        return self.target_projector(_pool(self.target_backbone, x))
 
     def loss(self, images: Tensor, targets: object = None) -> dict[str, Tensor]:
         """(B, C, H, W) normalised images -> {"loss": scalar}. Training mode also updates the key encoder (before)

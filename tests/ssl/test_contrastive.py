@@ -219,9 +219,11 @@ def test_simclr_default_views_follow_the_input_size():
     assert model.views is None
     probe = torch.rand(1, 3, 30, 30)
     model.loss(normalised_images(2, 16))
-    assert [v.shape[-2:] for v in model.views(probe)] == [(16, 16)] * 2
+    views = model._auto_views[1]  # built for the input size, kept out of the module tree and the state_dict
+    assert [v.shape[-2:] for v in views(probe)] == [(16, 16)] * 2
     model.loss(normalised_images(2, 24))  # a new input size rebuilds the default views
-    assert [v.shape[-2:] for v in model.views(probe)] == [(24, 24)] * 2
+    assert [v.shape[-2:] for v in model._auto_views[1](probe)] == [(24, 24)] * 2
+    assert model.views is None and not any("views" in k for k in model.state_dict())
     fixed = SimCLR(tiny_backbone(), projection_dim=8, hidden_dim=16, image_size=8)
     assert isinstance(fixed.views, TwoViews) and [v.shape[-2:] for v in fixed.views(probe)] == [(8, 8)] * 2
     assert torch.isfinite(fixed.loss(normalised_images(2, 24))["loss"])
@@ -260,7 +262,7 @@ def test_simclr_validation():
         SimCLR(tiny_backbone(), hidden_dim=-1)
     with pytest.raises(ValueError, match="backbone"):
         SimCLR(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="two"):
+    with pytest.raises(ValueError, match="list of 2 view batches"):
         SimCLR(tiny_backbone(), projection_dim=8, hidden_dim=16, views=nn.Identity()).loss(normalised_images(2))
 
 
