@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=5)
     s.set_defaults(func=_cmd_index_search)
     from cvzoo.hyper.cli import add_parsers as add_tune_parser
+    from cvzoo.implicit.cli import add_parsers as add_implicit_parser
+
+    add_implicit_parser(sub)
 
     add_tune_parser(sub)
     p = sub.add_parser("info", help="build a zoo entry, run one image through it and print what it returns")

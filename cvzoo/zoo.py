@@ -41,7 +41,7 @@ from cvzoo.heads import (
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
 TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection", "segmentation",
-         "generation", "self_supervised", "few_shot", "debiasing")
+         "generation", "self_supervised", "few_shot", "debiasing", "implicit")
 
 
 @dataclass(frozen=True)
@@ -643,10 +643,9 @@ def anil_resnet_micro(in_channels: int = 3, n_way: int = 5, k_shot: int = 5, que
 
 def dann_resnet_micro(num_classes: int = 10, num_domains: int = 10, in_channels: int = 3, pretrained: bool = False,
                       **kwargs):
-    """DANN on ResNet-micro: label head + colour adversary behind gradient reversal (scheduled over 1,500 steps)."""
+    """DANN on ResNet-micro: label head + label-aware colour adversary behind gradient reversal (coefficient 1)."""
     from cvzoo.adapt import DANN
 
-    kwargs.setdefault("schedule_steps", 1500)
     kwargs.setdefault("adversary_target", "colour")
     kwargs.setdefault("adversary_sees_label", True)
     return DANN(_ssl_backbone(in_channels, pretrained), num_classes, num_domains, **kwargs)
@@ -656,8 +655,23 @@ def erm_resnet_micro(num_classes: int = 10, num_domains: int = 10, in_channels: 
                      **kwargs):
     """The plain model DANN is measured against: the same parts, reversal 0 (the adversary only probes)."""
     kwargs.setdefault("adversary_target", "colour")
-    return dann_resnet_micro(num_classes, num_domains, in_channels, pretrained, reversal=0.0, schedule_steps=None,
-                             **kwargs)
+    return dann_resnet_micro(num_classes, num_domains, in_channels, pretrained, reversal=0.0, **kwargs)
+
+
+# ---- neural implicit models (cvzoo.implicit): coordinates or rays in, colours out -----------------------------
+
+def siren_image(height: int = 128, width: int = 128, **kwargs):
+    """SIREN image (coordinates -> RGB), 256 wide, 3 hidden sine layers: `cvzoo implicit fit-image`."""
+    from cvzoo.implicit import siren_image as build
+
+    return build(height, width, **kwargs)
+
+
+def nerf_tiny(**kwargs):
+    """Tiny NeRF (coarse + fine 64-wide MLPs, 32 + 32 samples a ray): `cvzoo implicit nerf`."""
+    from cvzoo.implicit import nerf_tiny as build
+
+    return build(**kwargs)
 
 
 # episodes are batches (their size is fixed by n_way, k_shot and query); no flips (digits are not symmetric)
@@ -720,6 +734,8 @@ def _entries() -> list[ZooEntry]:
             protonet_resnet_micro, maml_resnet_micro, anil_resnet_micro)),
         *(ZooEntry(f.__name__, f, "debiasing", train_defaults=_DEBIASING_TRAINING) for f in (
             dann_resnet_micro, erm_resnet_micro)),
+        ZooEntry("siren_image", siren_image, "implicit"),
+        ZooEntry("nerf_tiny", nerf_tiny, "implicit"),
     ]
 
 

@@ -54,7 +54,22 @@ def _quick_sample(model, n: int = 2) -> torch.Tensor:
     return model.sample(n, generator=torch.Generator().manual_seed(0), **kwargs)
 
 
+def _implicit_input(model, batch: int = 2) -> torch.Tensor | None:
+    """Coordinates (N, 2) in [-1, 1] for an implicit image, rays (R, 6) towards the origin for a NeRF."""
+    from cvzoo.implicit import ImplicitImage, TinyNeRF
+
+    if isinstance(model, ImplicitImage):
+        return torch.rand(batch, 2) * 2 - 1
+    if isinstance(model, TinyNeRF):
+        origins = torch.tensor([[0.0, 0.0, 4.0]]).expand(batch, 3) + 0.1 * torch.randn(batch, 3)
+        return torch.cat([origins, torch.nn.functional.normalize(-origins, dim=1)], dim=1)
+    return None
+
+
 def _input(model, batch: int = 2) -> torch.Tensor:
+    implicit = _implicit_input(model, batch)
+    if implicit is not None:
+        return implicit
     if _is_generative(model):  # fixed-size models: images in [-1, 1] at their size
         size = model.image_size
         return torch.rand(batch, model.signature.in_channels, size, size) * 2 - 1
@@ -122,6 +137,8 @@ def test_declared_outputs_match_real_outputs(name):
     elif task == "few_shot":  # ProtoNet: embeddings; MAML/ANIL: the unadapted n_way logits
         width = model.embedding_dim if hasattr(model, "embedding_dim") else model.n_way
         assert out.shape == (2, width)
+    elif task == "implicit":  # a colour per coordinate or per ray
+        assert _tensors(out)[0].shape == (2, 3)
     elif task == "debiasing":
         assert out._fields == model.signature.outputs
         assert out.logits.shape == (2, model.num_classes) and out.adversary_logits.shape == (2, model.num_domains)
