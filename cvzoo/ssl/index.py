@@ -455,12 +455,18 @@ class _MilvusBackend(_Backend):
     def remove(self, ids: Tensor) -> None:
         self.client.delete(self.collection, ids=ids.tolist())
 
+    QUERY_CHUNK = 100
+
     def search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         if k > self.MAX_TOPK:
             raise ValueError(f"k must be <= {self.MAX_TOPK} with the milvus backend (Milvus' limit), got {k}")
-        hits = self.client.search(
-            self.collection, data=q.tolist(), limit=k, anns_field="vector", output_fields=["id"],
-            search_params={"metric_type": self._milvus_metric, "params": dict(self.options["search_params"] or {})})
+        params = {"metric_type": self._milvus_metric, "params": dict(self.options["search_params"] or {})}
+        hits = []
+        # queries in chunks: Milvus Lite's memory grows with queries x stored vectors within one call (about
+        # 1 KB a pair: 21 GB for 1,000 queries over 20,000 vectors), so one call never gets more than a chunk
+        for start in range(0, q.shape[0], self.QUERY_CHUNK):
+            hits += self.client.search(self.collection, data=q[start:start + self.QUERY_CHUNK].tolist(), limit=k,
+                                       anns_field="vector", output_fields=["id"], search_params=params)
         out_ids = torch.full((q.shape[0], k), -1, dtype=torch.long)
         out_d = torch.full((q.shape[0], k), math.nan)
         for row, row_hits in enumerate(hits):
