@@ -39,6 +39,7 @@ DATA_TASK = {"generation": "classification", "self_supervised": "classification"
 # features, a debiasing model's is the plain model (`erm_resnet_micro`)
 NO_NOOP_TASKS = ("self_supervised", "few_shot", "debiasing")
 # few-shot evaluation: episodes of each shot count on the held-out classes of the held-out split
+FEW_SHOT_EVAL_WAYS = 5
 FEW_SHOT_EVAL_SHOTS = (1, 5)
 FEW_SHOT_EVAL_EPISODES = 100
 # `-m noop`: the image-blind baseline of the dataset's task
@@ -611,33 +612,35 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> dict[s
 
 def episodic_loader(model: nn.Module, dataset: Any, episodes: int, num_workers: int = 0, seed: int = 0):
     """A DataLoader of the model's N-way K-shot episodes (`model.n_way`, `k_shot`, `query`) over the base
-    classes of `dataset` (`cvzoo.adapt.split_classes`: the first half)."""
+    classes of `dataset` (`cvzoo.adapt.split_classes`: the first half), each multiplied by the 8 rotations and
+    flips of the square (`DihedralClasses`: 5 digit classes become 40)."""
     from torch.utils.data import DataLoader
 
-    from cvzoo.adapt import EpisodeCollate, EpisodicBatchSampler, split_classes
+    from cvzoo.adapt import DihedralClasses, EpisodeCollate, EpisodicBatchSampler, split_classes
 
     base, _ = split_classes(len(dataset.classes))
-    sampler = EpisodicBatchSampler(dataset.labels, model.n_way, model.k_shot, model.query, episodes, classes=base,
-                                   seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=EpisodeCollate(model.n_way, model.k_shot,
-                                                                                model.query),
+    expanded = DihedralClasses(dataset, len(dataset.classes), transforms=8)
+    sampler = EpisodicBatchSampler(expanded.labels, model.n_way, model.k_shot, model.query, episodes,
+                                   classes=expanded.classes_of(base), seed=seed)
+    return DataLoader(expanded, batch_sampler=sampler, collate_fn=EpisodeCollate(model.n_way, model.k_shot,
+                                                                                 model.query),
                       num_workers=num_workers)
 
 
 def few_shot_metrics(model: nn.Module, dataset: Any, device: torch.device, shots: Sequence[int] = FEW_SHOT_EVAL_SHOTS,
                      episodes: int = FEW_SHOT_EVAL_EPISODES, query: int = 15) -> dict[str, float]:
-    """`model.n_way`-way accuracy on episodes of the held-out (novel) classes of `dataset`, one figure per shot
-    count ("5way_1shot_accuracy", ...), with the 95% interval half-widths ("..._ci95")."""
+    """5-way accuracy on episodes of the held-out (novel) classes of `dataset`, one figure per shot count
+    ("5way_1shot_accuracy", ...), with the 95% interval half-widths ("..._ci95")."""
     from cvzoo.adapt import few_shot_accuracy, split_classes
 
     _, novel = split_classes(len(dataset.classes))
+    n_way = FEW_SHOT_EVAL_WAYS
     out = {}
     for k in shots:
-        acc, ci = few_shot_accuracy(model.predict, dataset, n_way=model.n_way, k_shot=k, query=query,
-                                    episodes=episodes, classes=novel, transform=model.signature.normalize,
-                                    device=device)
-        out[f"{model.n_way}way_{k}shot_accuracy"] = acc
-        out[f"{model.n_way}way_{k}shot_ci95"] = ci
+        acc, ci = few_shot_accuracy(model.predict, dataset, n_way=n_way, k_shot=k, query=query, episodes=episodes,
+                                    classes=novel, transform=model.signature.normalize, device=device)
+        out[f"{n_way}way_{k}shot_accuracy"] = acc
+        out[f"{n_way}way_{k}shot_ci95"] = ci
     return out
 
 

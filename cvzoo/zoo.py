@@ -607,12 +607,14 @@ def hyper_classifier(num_classes: int = 10, in_channels: int = 3, **params) -> I
 
 # ---- few-shot, debiasing (cvzoo.adapt) -------------------------------------------------------------------
 
-def protonet_resnet_micro(in_channels: int = 3, n_way: int = 5, k_shot: int = 5, query: int = 5,
+def protonet_resnet_micro(in_channels: int = 3, n_way: int = 20, k_shot: int = 5, query: int = 5,
                           pretrained: bool = False, **kwargs):
-    """Prototypical network on ResNet-micro, 5-way 5-shot episodes (Euclidean prototypes)."""
+    """Prototypical network on ResNet-micro's stride-8 map, flattened; 20-way 5-shot training episodes."""
     from cvzoo.adapt import ProtoNet
 
-    return ProtoNet(_ssl_backbone(in_channels, pretrained), n_way=n_way, k_shot=k_shot, query=query, **kwargs)
+    kwargs.setdefault("pool", "flatten")
+    backbone = resnet_micro(pretrained=pretrained, in_channels=in_channels, out_indices=(1,))
+    return ProtoNet(backbone, n_way=n_way, k_shot=k_shot, query=query, **kwargs)
 
 
 def _few_shot_classifier(in_channels: int, n_way: int, pretrained: bool) -> ImageClassifier:
@@ -730,8 +732,10 @@ def _entries() -> list[ZooEntry]:
         *(ZooEntry(f.__name__, f, "self_supervised", "augment", train_defaults=_SSL_TRAINING) for f in (
             simclr_resnet_micro, moco_resnet_micro, byol_resnet_micro, simsiam_resnet_micro,
             barlow_twins_resnet_micro, vicreg_resnet_micro, dino_resnet_micro)),
+        ZooEntry("protonet_resnet_micro", protonet_resnet_micro, "few_shot",
+                 train_defaults={**_FEW_SHOT_TRAINING, "lr": 3e-4}),
         *(ZooEntry(f.__name__, f, "few_shot", train_defaults=_FEW_SHOT_TRAINING) for f in (
-            protonet_resnet_micro, maml_resnet_micro, anil_resnet_micro)),
+            maml_resnet_micro, anil_resnet_micro)),
         *(ZooEntry(f.__name__, f, "debiasing", train_defaults=_DEBIASING_TRAINING) for f in (
             dann_resnet_micro, erm_resnet_micro)),
         ZooEntry("siren_image", siren_image, "implicit"),

@@ -5,10 +5,11 @@
                                     [--episodes 300] [--out DIR]
 
 Few-shot: each model trains as `cvzoo train -m MODEL -d digits` does (its zoo defaults, seed 0): episodes of
-the base classes 0-4 of the digits train split. It is then scored on 5-way episodes of the novel classes 5-9
-of the test split (1-shot and 5-shot, 15 queries a class, `--episodes` episodes, mean and 95% interval).
-Baselines on the same episodes: nearest neighbour (cosine) on the pooled features of the same backbone at
-random initialisation, and on raw pixels.
+the base classes 0-4 of the digits train split, each class multiplied by the 8 rotations and flips of the
+square. It is then scored on 5-way episodes of the novel classes 5-9 of the test split (1-shot and 5-shot, 15
+queries a class, `--episodes` episodes, mean and 95% interval). Baselines on the same episodes: nearest
+neighbour (cosine) on random-initialisation features (ResNet-micro's pooled last map; its stride-8 map pooled,
+and flattened, which is ProtoNet's embedding at initialisation) and on raw pixels.
 
 Debiasing: `dann_resnet_micro` and the plain `erm_resnet_micro` train on coloured digits (colour = the class's
 colour for 95% of the training images; random at test). Reported: test accuracy, and how well fresh probes
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cvzoo.adapt import attribute_probe_accuracy, few_shot_accuracy, nearest_neighbour_predictor, split_classes
+from cvzoo.backbones import resnet_micro
 from cvzoo.data import Digits
 from cvzoo.data.coloured_digits import ColouredDigits
 from cvzoo.experiment import TrainSettings, load_run, train
@@ -54,12 +56,19 @@ def run_few_shot(models, episodes: int, out: Path) -> dict:
                          "steps": run["steps"], "train_seconds": seconds}
         print(name, json.dumps(results[name]), flush=True)
     torch.manual_seed(0)
-    random_init = create_model("protonet_resnet_micro", in_channels=1).eval()
-    results["nearest_neighbour_random_init"] = few_shot_row(nearest_neighbour_predictor(random_init), test, novel,
-                                                           episodes, random_init.signature.normalize)
-    results["nearest_neighbour_pixels"] = few_shot_row(nearest_neighbour_predictor(lambda x: x), test, novel,
-                                                      episodes)
-    for name in ("nearest_neighbour_random_init", "nearest_neighbour_pixels"):
+    own = create_model("protonet_resnet_micro", in_channels=1).eval()  # its embedding at initialisation
+    torch.manual_seed(0)
+    pooled = create_model("protonet_resnet_micro", in_channels=1, pool="avg").eval()
+    torch.manual_seed(0)
+    deep = resnet_micro(in_channels=1, out_indices=(3,)).eval()  # the whole trunk, pooled
+    baselines = {
+        "nearest_neighbour_random_resnet_micro_pooled": (lambda x: deep(x)[-1].mean((2, 3)), deep.signature.normalize),
+        "nearest_neighbour_random_stride8_pooled": (pooled, pooled.signature.normalize),
+        "nearest_neighbour_random_stride8_flattened": (own, own.signature.normalize),
+        "nearest_neighbour_pixels": (lambda x: x, None),
+    }
+    for name, (encoder, transform) in baselines.items():
+        results[name] = few_shot_row(nearest_neighbour_predictor(encoder), test, novel, episodes, transform)
         print(name, json.dumps(results[name]), flush=True)
     return results
 

@@ -134,9 +134,12 @@ def test_declared_outputs_match_real_outputs(name):
         assert out.aux_logits is None or out.aux_logits.shape == out.logits.shape
     elif task == "self_supervised":  # the pooled backbone features kept after pre-training
         assert out.shape == (2, model.backbone.feature_info[-1].channels)
-    elif task == "few_shot":  # ProtoNet: embeddings; MAML/ANIL: the unadapted n_way logits
-        width = model.embedding_dim if hasattr(model, "embedding_dim") else model.n_way
-        assert out.shape == (2, width)
+    elif task == "few_shot":  # ProtoNet: embeddings (a flattened map: C x h x w); MAML/ANIL: n_way logits
+        if hasattr(model, "embedding_dim"):
+            maps = model.backbone(x)[-1]
+            assert out.shape == (2, model.embedding_dim or maps[0].numel())
+        else:
+            assert out.shape == (2, model.n_way)
     elif task == "implicit":  # a colour per coordinate or per ray
         assert _tensors(out)[0].shape == (2, 3)
     elif task == "debiasing":

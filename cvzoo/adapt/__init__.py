@@ -10,7 +10,7 @@ Trainer(ProtoNet(resnet_micro(out_indices=(3,)), n_way=5, k_shot=1, query=5)).fi
 """
 
 from cvzoo.adapt.dann import DANN, DANNOutput
-from cvzoo.adapt.episodes import EpisodeCollate, EpisodicBatchSampler, episode_labels, split_classes
+from cvzoo.adapt.episodes import DihedralClasses, EpisodeCollate, EpisodicBatchSampler, episode_labels, split_classes
 from cvzoo.adapt.evaluate import attribute_probe_accuracy, few_shot_accuracy, nearest_neighbour_predictor
 from cvzoo.adapt.gradient_reversal import GradientReversal, dann_coefficient, reverse_gradient
 from cvzoo.adapt.maml import MAML
@@ -20,6 +20,7 @@ from cvzoo.adapt.zero_shot import ZeroShotHead
 __all__ = [
     "DANN",
     "DANNOutput",
+    "DihedralClasses",
     "EpisodeCollate",
     "EpisodicBatchSampler",
     "GradientReversal",

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from cvzoo.adapt._checks import check_positive_int
 
@@ -143,3 +143,39 @@ def split_classes(num_classes: int, num_base: int | None = None) -> tuple[list[i
     if isinstance(num_base, bool) or not isinstance(num_base, int) or not 1 <= num_base < num_classes:
         raise ValueError(f"num_base must be in [1, {num_classes - 1}], got {num_base!r}")
     return list(range(num_base)), list(range(num_base, num_classes))
+
+
+class DihedralClasses(Dataset):
+    """A labelled image set with each class multiplied by the rotations (and flips) of the square: item
+    `t * len(dataset) + i` is item i rotated by `t % 4` quarter turns (then mirrored when `t >= 4`), labelled
+    `label + t * num_classes`. The few-shot recipe for small class counts (Omniglot's rotated classes, Santoro
+    et al. 2016; Snell et al. 2017): a rotated digit is a new shape, so metric learning sees `transforms` times
+    as many classes and learns features that are less tied to the few base classes.
+
+    `labels` lists the new labels in index order (what `EpisodicBatchSampler` reads); `classes_of(classes)`
+    maps original classes to all their transformed copies.
+    """
+
+    def __init__(self, dataset: Dataset, num_classes: int, transforms: int = 8) -> None:
+        check_positive_int("num_classes", num_classes)
+        if transforms not in (1, 2, 4, 8):
+            raise ValueError(f"transforms must be 1, 2, 4 (rotations) or 8 (rotations and flips), got {transforms!r}")
+        labels = getattr(dataset, "labels", None)
+        if not isinstance(labels, Tensor):
+            labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+        self.dataset, self.num_classes, self.transforms = dataset, num_classes, transforms
+        self.labels = torch.cat([labels.long() + t * num_classes for t in range(transforms)])
+
+    def classes_of(self, classes: Sequence[int]) -> list[int]:
+        return [c + t * self.num_classes for t in range(self.transforms) for c in classes]
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.transforms  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        t, i = divmod(index, len(self.dataset))  # type: ignore[arg-type]
+        image, label = self.dataset[i]
+        image = torch.rot90(image, t % 4, dims=(-2, -1))
+        if t >= 4:
+            image = image.flip(-1)
+        return image, torch.as_tensor(label).long() + t * self.num_classes

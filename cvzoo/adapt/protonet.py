@@ -12,6 +12,7 @@ from cvzoo.adapt.episodes import episode_labels
 from cvzoo.types import cast_like_parameters
 
 DISTANCES = ("euclidean", "cosine")
+POOLS = ("avg", "flatten")
 
 
 def class_prototypes(support: Tensor, support_labels: Tensor, n_way: int) -> Tensor:
@@ -33,8 +34,10 @@ def prototype_logits(queries: Tensor, prototypes: Tensor, distance: str = "eucli
 
 
 class ProtoNet(nn.Module):
-    """(B, C, H, W) normalised images -> (B, D) embeddings (the backbone's pooled last map, or `embedding_dim`
-    after a linear projection when set).
+    """(B, C, H, W) normalised images -> (B, D) embeddings: the backbone's last map averaged over space
+    (`pool="avg"`, D = its channels, or `embedding_dim` after a linear projection when set), or flattened
+    (`pool="flatten"`, D = channels x h x w: the spatial layout is kept, which matters for small images such
+    as digits; the width then depends on the input size).
 
     `loss(images, labels)` takes episodic batches (see `cvzoo.adapt.episodes`): `tasks` episodes of
     `n_way` x (`k_shot` + `query`) images with labels relabelled 0..n_way-1, returning {"loss": query cross
@@ -43,7 +46,8 @@ class ProtoNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, n_way: int = 5, k_shot: int = 1, query: int = 5,
-                 distance: str = "euclidean", scale: float = 10.0, embedding_dim: int | None = None) -> None:
+                 distance: str = "euclidean", scale: float = 10.0, embedding_dim: int | None = None,
+                 pool: str = "avg") -> None:
         super().__init__()
         dim = check_backbone(backbone, "ProtoNet")
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("query", query)):
@@ -52,16 +56,25 @@ class ProtoNet(nn.Module):
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"scale must be a positive number (the cosine logits' temperature), got {scale!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if pool == "flatten" and embedding_dim is not None:
+            raise ValueError("embedding_dim (a linear projection) needs pool='avg': a flattened map's width depends "
+                             "on the input size")
+        self.pool = pool
         self.backbone = backbone
         self.projection = nn.Identity() if embedding_dim is None else nn.Linear(dim, check_positive_int(
             "embedding_dim", embedding_dim))
-        self.embedding_dim = dim if embedding_dim is None else embedding_dim
+        # None with pool="flatten": the width depends on the input size
+        self.embedding_dim = None if pool == "flatten" else dim if embedding_dim is None else embedding_dim
         self.n_way, self.k_shot, self.query = n_way, k_shot, query
         self.distance, self.scale = distance, float(scale)
         self.signature = backbone.signature.replace(outputs=("embeddings",))
 
     def forward(self, images: Tensor) -> Tensor:
         images = cast_like_parameters(self.signature.validate(images), self)
+        if self.pool == "flatten":
+            return self.backbone(images)[-1].flatten(1)  # (B, C * h * w)
         return self.projection(pooled_features(self.backbone, images))
 
     def episode_logits(self, embeddings: Tensor) -> Tensor:

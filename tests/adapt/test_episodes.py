@@ -72,3 +72,20 @@ def test_split_classes():
     assert split_classes(5, 3) == ([0, 1, 2], [3, 4])
     with pytest.raises(ValueError, match="num_base"):
         split_classes(4, 4)
+
+
+def test_dihedral_classes_rotate_flip_and_relabel():
+    from cvzoo.adapt import DihedralClasses
+
+    images = torch.arange(2 * 9, dtype=torch.float32).view(2, 1, 3, 3)
+    dataset = TensorDataset(images, torch.tensor([0, 1]))
+    expanded = DihedralClasses(dataset, num_classes=2)
+    assert len(expanded) == 16 and expanded.labels.tolist() == [c + 2 * t for t in range(8) for c in (0, 1)]
+    image, label = expanded[2 * 3 + 1]  # item 1, three quarter turns
+    assert int(label) == 7 and torch.equal(image, torch.rot90(images[1], 3, dims=(-2, -1)))
+    image, label = expanded[2 * 5]  # item 0, one quarter turn then mirrored
+    assert int(label) == 10 and torch.equal(image, torch.rot90(images[0], 1, dims=(-2, -1)).flip(-1))
+    assert expanded.classes_of([1]) == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert len({expanded[i][0].flatten().tolist().__str__() for i in range(0, 16, 2)}) == 8  # 8 distinct images
+    with pytest.raises(ValueError, match="transforms"):
+        DihedralClasses(dataset, 2, transforms=3)

@@ -74,3 +74,15 @@ def test_bad_episodes_raise():
         _model(distance="l1")
     with pytest.raises(ValueError, match="backbone"):
         ProtoNet(torch.nn.Linear(2, 2))
+
+
+def test_flattened_embeddings_keep_the_spatial_layout():
+    backbone = resnet_micro(in_channels=1, out_indices=(1,))
+    model = ProtoNet(backbone, n_way=3, k_shot=2, query=2, pool="flatten").eval()
+    images = torch.randn(12, 1, 32, 32)
+    assert torch.equal(model(images), backbone(images)[-1].flatten(1))  # (12, 32 * 4 * 4)
+    assert model.embedding_dim is None and torch.isfinite(model.loss(images, episode_labels(3, 2, 2))["loss"])
+    with pytest.raises(ValueError, match="pool"):
+        ProtoNet(backbone, pool="max")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        ProtoNet(backbone, pool="flatten", embedding_dim=8)
