@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvzoo.adapt._checks import check_backbone, check_positive_int, pooled_features
+from cvzoo.adapt._checks import check_positive_int, pooled_features
 from cvzoo.adapt.gradient_reversal import GradientReversal
+from cvzoo.backbones.base import last_map_channels
 from cvzoo.classification.classifier import ClassificationPrediction
 from cvzoo.types import cast_like_parameters
 
@@ -48,7 +49,7 @@ class DANN(nn.Module):
                  adversary_weight: float = 1.0, adversary_target: str = "domain", adversary_sees_label: bool = False
                  ) -> None:
         super().__init__()
-        dim = check_backbone(backbone, "DANN")
+        dim = last_map_channels(backbone, "DANN")
         check_positive_int("num_classes", num_classes)
         check_positive_int("hidden_dim", hidden_dim)
         if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 2:

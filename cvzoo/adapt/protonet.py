@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvzoo.adapt._checks import check_backbone, check_positive_int, pooled_features
+from cvzoo.adapt._checks import check_positive_int, pooled_features
 from cvzoo.adapt.episodes import episode_labels
+from cvzoo.backbones.base import last_map_channels
 from cvzoo.types import cast_like_parameters
 
 DISTANCES = ("euclidean", "cosine")
@@ -49,7 +50,7 @@ class ProtoNet(nn.Module):
                  distance: str = "euclidean", scale: float = 10.0, embedding_dim: int | None = None,
                  pool: str = "avg") -> None:
         super().__init__()
-        dim = check_backbone(backbone, "ProtoNet")
+        dim = last_map_channels(backbone, "ProtoNet")
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("query", query)):
             check_positive_int(name, value)
         if distance not in DISTANCES:

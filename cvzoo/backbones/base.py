@@ -81,6 +81,17 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+def last_map_channels(backbone: object, owner: str) -> int:
+    """The channels of a backbone's last feature map (what task models pool); a ValueError naming `owner` when
+    `backbone` is not a cvzoo backbone (an nn.Module with `feature_info` and a `signature`)."""
+    info = getattr(backbone, "feature_info", None)
+    if not isinstance(backbone, nn.Module) or not info or not isinstance(getattr(backbone, "signature", None),
+                                                                         Signature):
+        raise ValueError(f"{owner} needs a backbone: an nn.Module with `feature_info` and a `signature` "
+                         f"(cvzoo.backbones), got {type(backbone).__name__}")
+    return int(info[-1].channels)
+
+
 def check_out_indices(out_indices: Sequence[int], num_stages: int, owner: str) -> tuple[int, ...]:
     """Validates stage indices (0-based, increasing, within range) given to a backbone constructor."""
     idx = tuple(int(i) for i in out_indices)

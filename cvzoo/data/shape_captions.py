@@ -139,20 +139,7 @@ class ShapesCaptions(Dataset):
         return colour, shape, caption
 
     def _item(self, index: int) -> tuple[Tensor, str, str, str]:
-        if isinstance(index, bool) or not isinstance(index, int):
-            try:
-                index = int(index.__index__())  # numpy ints, 0-d integer tensors
-            except (AttributeError, TypeError):
-                raise IndexError(f"ShapesCaptions indices must be integers, got {type(index).__name__}") from None
-        if not -self.num_images <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for ShapesCaptions of length {self.num_images}")
-        index %= self.num_images
-        found = self._cache.get(index)
-        if found is None:
-            found = self._render(index)
-            if self.cache:
-                self._cache[index] = found
-        return found
+        return _shapes.cached_item(self, index)
 
     def _render(self, index: int) -> tuple[Tensor, str, str, str]:
         sh, size = self._shapes, self.image_size

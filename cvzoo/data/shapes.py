@@ -146,6 +146,26 @@ def _snap_to_mask(points: Tensor, mask: Tensor, xs: Tensor, ys: Tensor) -> Tenso
     return torch.stack([px[j], py[j]], dim=-1)
 
 
+def cached_item(dataset, index: int):
+    """Item `index` of a drawn dataset (`num_images`, `split`, `cache`, `_cache` and `_render(index)`): rendered
+    on first access and kept when `cache` is on. Negative indices count from the end; a bad index raises an
+    IndexError naming the dataset."""
+    name = f"{type(dataset).__name__}({dataset.split!r})"
+    try:
+        index = operator.index(index)  # ints, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise IndexError(f"{type(dataset).__name__} indices must be integers, got {type(index).__name__}") from None
+    if not -dataset.num_images <= index < dataset.num_images:
+        raise IndexError(f"index {index!r} out of range for {name} of length {dataset.num_images}")
+    index %= dataset.num_images
+    found = dataset._cache.get(index)
+    if found is None:
+        found = dataset._render(index)
+        if dataset.cache:
+            dataset._cache[index] = found
+    return found
+
+
 class Shapes(Dataset):
     """Seeded synthetic images of circles, squares, triangles and stars on textured backgrounds.
 
@@ -232,19 +252,7 @@ class Shapes(Dataset):
 
     def scene(self, index: int) -> ShapesScene:
         """All annotations of item `index` (shared cached tensors: do not modify them in place)."""
-        try:
-            index = operator.index(index)  # ints, numpy integers, 0-d integer tensors
-        except TypeError:
-            raise IndexError(f"Shapes indices must be integers, got {type(index).__name__}") from None
-        if not -self.num_images <= index < self.num_images:
-            raise IndexError(f"index {index!r} out of range for Shapes({self.split!r}) of length {self.num_images}")
-        index %= self.num_images
-        found = self._cache.get(index)
-        if found is None:
-            found = self._render(index)
-            if self.cache:
-                self._cache[index] = found
-        return found
+        return cached_item(self, index)
 
     def __getitem__(self, index: int):
         s = self.scene(index)

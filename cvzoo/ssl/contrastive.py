@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cvzoo.backbones.base import last_map_channels
 from cvzoo.ssl.gather import gather_with_grad, rank_and_world
 from cvzoo.ssl.heads import MLPHead
-from cvzoo.ssl.method import _check_size, _feature_dim, _MomentumMixin, _pool, _ViewsMixin
+from cvzoo.ssl.method import _check_size, _MomentumMixin, _pool, _ViewsMixin
 from cvzoo.ssl.momentum import momentum_copy
 from cvzoo.ssl.views import TwoViews, ssl_augmentation
 
@@ -135,7 +136,7 @@ class _TwoViewMethod(_ViewsMixin, nn.Module):
     def __init__(self, backbone: nn.Module, views: nn.Module | None, image_size: int | tuple[int, int] | None,
                  owner: str) -> None:
         super().__init__()
-        self.feature_dim: int = _feature_dim(backbone, owner)
+        self.feature_dim: int = last_map_channels(backbone, owner)
         if views is not None and not isinstance(views, nn.Module):
             raise ValueError(f"views must be an nn.Module returning two views, or None, got {type(views).__name__}")
         self.backbone = backbone

@@ -41,16 +41,6 @@ def _check_max_steps(max_steps: object) -> int | None:
     return max_steps
 
 
-def _feature_dim(backbone: object, owner: str) -> int:
-    """Channels of the backbone's last feature map (what `forward` pools); checks the backbone's contract."""
-    info = getattr(backbone, "feature_info", None)
-    if not isinstance(backbone, nn.Module) or not info or not isinstance(getattr(backbone, "signature", None),
-                                                                         Signature):
-        raise ValueError(f"{owner} needs a backbone: an nn.Module with `feature_info` and a `signature` "
-                         f"(cvzoo.backbones), got {type(backbone).__name__}")
-    return int(info[-1].channels)
-
-
 def _check_size(name: str, value: object) -> tuple[int, int] | None:
     if value is None:
         return None

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cvzoo.backbones.base import last_map_channels
 from cvzoo.ssl.gather import gather_with_grad, rank_and_world
 from cvzoo.ssl.heads import MLPHead
-from cvzoo.ssl.method import _check_positive_int, _check_size, _feature_dim, _pool, _ViewsMixin
+from cvzoo.ssl.method import _check_positive_int, _check_size, _pool, _ViewsMixin
 from cvzoo.ssl.views import byol_views
 from cvzoo.types import Signature
 
@@ -127,7 +128,7 @@ class _TwoViewEmbedding(_ViewsMixin, nn.Module):
     def __init__(self, backbone: nn.Module, projection_dim: int, hidden_dim: int, views: nn.Module | None,
                  image_size: int | tuple[int, int] | None) -> None:
         super().__init__()
-        dim = _feature_dim(backbone, type(self).__name__)
+        dim = last_map_channels(backbone, type(self).__name__)
         _check_positive_int("projection_dim", projection_dim)
         _check_positive_int("hidden_dim", hidden_dim)
         self.image_size = _check_size("image_size", image_size)

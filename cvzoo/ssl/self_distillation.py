@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cvzoo.backbones.base import last_map_channels
 from cvzoo.ssl.gather import rank_and_world
 from cvzoo.ssl.heads import MLPHead
 from cvzoo.ssl.method import (
@@ -26,7 +27,6 @@ from cvzoo.ssl.method import (
     _check_size,
     _check_temperature,
     _check_unit,
-    _feature_dim,
     _MomentumMixin,
     _pool,
     _ViewsMixin,
@@ -179,7 +179,7 @@ class BYOL(_ViewsMixin, _MomentumMixin, nn.Module):
                  momentum: float = 0.99, final_momentum: float = 1.0, max_steps: int | None = None,
                  views: nn.Module | None = None, image_size: int | tuple[int, int] | None = None) -> None:
         super().__init__()
-        dim = _feature_dim(backbone, "BYOL")
+        dim = last_map_channels(backbone, "BYOL")
         _check_positive_int("projection_dim", projection_dim)
         _check_positive_int("hidden_dim", hidden_dim)
         self.base_momentum = _check_unit("momentum", momentum)
@@ -235,7 +235,7 @@ class SimSiam(_ViewsMixin, nn.Module):
                  prediction_hidden_dim: int = 64, views: nn.Module | None = None,
                  image_size: int | tuple[int, int] | None = None) -> None:
         super().__init__()
-        dim = _feature_dim(backbone, "SimSiam")
+        dim = last_map_channels(backbone, "SimSiam")
         _check_positive_int("projection_dim", projection_dim)
         _check_positive_int("hidden_dim", hidden_dim)
         _check_positive_int("prediction_hidden_dim", prediction_hidden_dim)
@@ -291,7 +291,7 @@ class DINO(_ViewsMixin, _MomentumMixin, nn.Module):
                  teacher_temp: float = 0.04, center_momentum: float = 0.9, momentum: float = 0.996,
                  max_steps: int | None = None, views: nn.Module | None = None) -> None:
         super().__init__()
-        dim = _feature_dim(backbone, "DINO")
+        dim = last_map_channels(backbone, "DINO")
         for name, value in (("out_dim", out_dim), ("hidden_dim", hidden_dim), ("bottleneck_dim", bottleneck_dim),
                             ("num_global", num_global)):
             _check_positive_int(name, value)
