@@ -30,14 +30,16 @@ from torch import Tensor, nn
 
 # model task (zoo) for each dataset task (data registry): the pairs that train together
 TRAINABLE_TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "generation",
-                   "self_supervised", "few_shot", "debiasing")
+                   "self_supervised", "few_shot", "debiasing", "zero_shot")
 # model tasks that train on another task's datasets: generative models learn the images of a labelled set
 # (class-conditional ones use its labels)
-DATA_TASK = {"generation": "classification", "self_supervised": "classification", "few_shot": "classification"}
+DATA_TASK = {"generation": "classification", "self_supervised": "classification", "few_shot": "classification",
+             "zero_shot": "captions"}
 # tasks whose baseline is not an image-blind `noop_*` model: a self-supervised method's floor is its own
 # backbone at random initialisation (`cvzoo.ssl.evaluate`), a few-shot learner's is nearest neighbour on random
 # features, a debiasing model's is the plain model (`erm_resnet_micro`)
-NO_NOOP_TASKS = ("self_supervised", "few_shot", "debiasing")
+NO_NOOP_TASKS = ("self_supervised", "few_shot", "debiasing", "zero_shot")
+ZERO_SHOT_TEMPLATES = ("a {}",)  # the prompt a class name is put in for zero-shot classification
 # few-shot evaluation: episodes of each shot count on the held-out classes of the held-out split
 FEW_SHOT_EVAL_WAYS = 5
 FEW_SHOT_EVAL_SHOTS = (1, 5)
@@ -377,6 +379,8 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
     features (labels used for evaluation only);
     few_shot: N-way 1- and 5-shot accuracy on episodes of the held-out classes (`few_shot_metrics`);
     debiasing: label accuracy and the model's adversary's accuracy on the nuisance (e.g. colour);
+    zero_shot: the mean loss terms and zero-shot accuracy among all class names, on the images of class pairs
+    never seen in training and on the seen ones (`dataset.zero_shot_splits()`);
     detection: COCO mAP, mAP50, mAP75, mAR100 (torchmetrics), with `per_class` also "AP/<class>" (COCO AP,
     -1 for a class without ground truth); classification: top-1 accuracy;
     regression: mean absolute and root-mean-square error; multitask: label accuracy, value MAE, keypoint MAE;
@@ -419,6 +423,15 @@ def evaluate_task(model: nn.Module, loader: Iterable, task: str, classes: Sequen
             return out
         if task == "few_shot":
             return few_shot_metrics(model, loader.dataset, device)  # type: ignore[attr-defined]
+        if task == "zero_shot":  # the contrastive loss, and zero-shot accuracy on unseen and seen class pairs
+            from cvzoo.ssl.clip import zero_shot_accuracy
+
+            dataset = loader.dataset  # type: ignore[attr-defined]
+            out = mean_losses(model, batches)
+            for name, subset in dataset.zero_shot_splits().items():
+                out[f"zero_shot_accuracy_{name}"] = zero_shot_accuracy(model, model.tokenizer, subset,
+                                                                       dataset.classnames, ZERO_SHOT_TEMPLATES)
+            return out
         if task == "debiasing":  # label accuracy, and how well the model's own adversary still reads the nuisance
             correct = adversary_correct = total = 0
             for images, targets in batches:

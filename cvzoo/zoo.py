@@ -41,7 +41,7 @@ from cvzoo.heads import (
 from cvzoo.necks import FPN, PAN, BackboneWithNeck, BiFPN
 
 TASKS = ("backbone", "features", "classification", "regression", "multitask", "detection", "segmentation",
-         "generation", "self_supervised", "few_shot", "debiasing", "implicit")
+         "generation", "self_supervised", "few_shot", "debiasing", "zero_shot", "implicit")
 
 
 @dataclass(frozen=True)
@@ -660,6 +660,22 @@ def erm_resnet_micro(num_classes: int = 10, num_domains: int = 10, in_channels: 
     return dann_resnet_micro(num_classes, num_domains, in_channels, pretrained, reversal=0.0, **kwargs)
 
 
+# ---- zero-shot: a tiny CLIP trained from scratch on captions ---------------------------------------------------
+
+def tiny_clip_resnet_micro(vocabulary: tuple[str, ...] | None = None, text_layers: int = 0, embed_dim: int = 64,
+                           pretrained: bool = False, **kwargs):
+    """Tiny CLIP: ResNet-micro + a bag-of-words text encoder (words of `shapes-captions` by default)."""
+    from cvzoo.data.shape_captions import ShapesCaptions
+    from cvzoo.ssl.clip import TinyCLIP, TinyTextEncoder, WordTokenizer
+
+    tokenizer = WordTokenizer(ShapesCaptions.vocabulary_of() if vocabulary is None else vocabulary,
+                              context_length=8)
+    text = TinyTextEncoder(tokenizer.vocab_size, width=64, layers=text_layers, heads=4, context_length=8,
+                           pool="mean", causal=False)
+    backbone = resnet_micro(pretrained=pretrained, out_indices=(3,))
+    return TinyCLIP(backbone, text, embed_dim=embed_dim, tokenizer=tokenizer, **kwargs)
+
+
 # ---- neural implicit models (cvzoo.implicit): coordinates or rays in, colours out -----------------------------
 
 def siren_image(height: int = 128, width: int = 128, **kwargs):
@@ -738,6 +754,9 @@ def _entries() -> list[ZooEntry]:
             maml_resnet_micro, anil_resnet_micro)),
         *(ZooEntry(f.__name__, f, "debiasing", train_defaults=_DEBIASING_TRAINING) for f in (
             dann_resnet_micro, erm_resnet_micro)),
+        ZooEntry("tiny_clip_resnet_micro", tiny_clip_resnet_micro, "zero_shot",
+                 train_defaults={"augment": "none", "steps": 1500, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
+                                 "train_images": 4096, "val_images": 400}),
         ZooEntry("siren_image", siren_image, "implicit"),
         ZooEntry("nerf_tiny", nerf_tiny, "implicit"),
     ]

@@ -140,6 +140,9 @@ def test_declared_outputs_match_real_outputs(name):
             assert out.shape == (2, model.embedding_dim or maps[0].numel())
         else:
             assert out.shape == (2, model.n_way)
+    elif task == "zero_shot":  # pooled image features; the joint embedding comes from encode_image/encode_text
+        assert out.shape == (2, model.backbone.feature_info[-1].channels)
+        assert model.encode_image(x).shape == model.encode_text(["a red circle", "a star"]).shape == (2, 64)
     elif task == "implicit":  # a colour per coordinate or per ray
         assert _tensors(out)[0].shape == (2, 3)
     elif task == "debiasing":
@@ -155,6 +158,8 @@ def test_backward_reaches_every_trainable_parameter(name):
     model = _create(name).train()
     if _is_generative(model) or MODELS[name].task == "self_supervised":  # projectors are reached by the loss
         model.loss(_input(model), _labels(model))["loss"].backward()
+    elif MODELS[name].task == "zero_shot":  # both towers and the logit scale are reached by the CLIP loss
+        model.loss(_input(model), ["a red circle", "a blue star"])["loss"].backward()
     else:
         out = model(_input(model))
         # (t + 1)^2: its gradient is not zero at outputs that start at zero (the noop baselines' priors)

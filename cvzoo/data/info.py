@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "debiasing")
+TASKS = ("detection", "classification", "regression", "multitask", "segmentation", "debiasing", "captions")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,14 @@ def _coloured_digits(split: str, **kwargs) -> Dataset:
     return ColouredDigits(split=split, **kwargs)
 
 
+def _shapes_captions(split: str, **kwargs) -> Dataset:
+    from cvzoo.data.shape_captions import ShapesCaptions
+
+    # training sees the 16 seen colour/shape pairs; held-out splits draw all 20 (zero-shot evaluation splits them)
+    kwargs.setdefault("combinations", "seen" if split == "train" else "all")
+    return ShapesCaptions(split=split, **kwargs)
+
+
 def _voc(split: str, root: str, **kwargs) -> Dataset:
     from cvzoo.data.adapters import VOCDetectionDataset
 
@@ -104,6 +112,8 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in (
     DatasetEntry("coloured-digits", _coloured_digits, "debiasing",
                  "digits painted in colours tied to the class in training (95%), random at test: a spurious cue",
                  extra="data"),
+    DatasetEntry("shapes-captions", _shapes_captions, "captions",
+                 "one coloured shape an image, captioned 'a red circle'; 4 colour/shape pairs held out of training"),
     DatasetEntry("voc", _voc, "detection", "Pascal VOC detection at root/VOCdevkit/VOC<year>", needs_root=True),
     DatasetEntry("voc-segmentation", _voc_segmentation, "segmentation",
                  "Pascal VOC semantic segmentation at root/VOCdevkit/VOC<year>", needs_root=True),

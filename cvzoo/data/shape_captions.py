@@ -117,11 +117,9 @@ class ShapesCaptions(Dataset):
         self._cache: dict[int, tuple[Tensor, str, str, str]] = {}
         grid = torch.arange(image_size, dtype=torch.float32) + 0.5  # pixel centres
         self._ys, self._xs = torch.meshgrid(grid, grid, indexing="ij")
-        if target == "label":
-            self.info = DatasetInfo(name="shapes-captions", task="classification", classes=self.classnames,
-                                    in_channels=3, image_size=(image_size, image_size), target_fields=("label",))
-        else:  # DatasetInfo has no caption task
-            self.info = None
+        self.info = DatasetInfo(name="shapes-captions", task="classification" if target == "label" else "captions",
+                                classes=self.classnames, in_channels=3, image_size=(image_size, image_size),
+                                target_fields=(target,))
 
     @staticmethod
     def vocabulary_of(colours: Iterable[str] = tuple(SHAPE_COLOURS), templates: Sequence[str] = CAPTION_TEMPLATES
@@ -132,6 +130,15 @@ class ShapesCaptions(Dataset):
 
     def __len__(self) -> int:
         return self.num_images
+
+    def zero_shot_splits(self) -> dict[str, ShapesCaptions]:
+        """The same split as labelled images, {"held_out_pairs": only the held-out pairs, "seen_pairs": only the
+        others}: what a zero-shot evaluation scores (labels index `classnames`, all pairs)."""
+        common = {"num_images": self.num_images, "image_size": self.image_size, "held_out": self.held_out,
+                  "colours": self.colours, "templates": self.templates, "target": "label",
+                  "colour_jitter": self.colour_jitter, "seed": self.seed, "cache": self.cache}
+        return {"held_out_pairs": ShapesCaptions(self.split, combinations="held_out", **common),
+                "seen_pairs": ShapesCaptions(self.split, combinations="seen", **common)}
 
     def describe(self, index: int) -> tuple[str, str, str]:
         """(colour, shape, caption) of item `index`."""

@@ -381,7 +381,9 @@ class _Block(nn.Module):
 class TinyTextEncoder(nn.Module):
     """A small CLIP text transformer. tokens (B, L) int64, L <= context_length -> pooled features (B, width).
 
-    Token + learned position embeddings, `layers` pre-norm blocks, a final LayerNorm. `causal=True` masks
+    Token + learned position embeddings, `layers` pre-norm blocks (0: none, so with `pool="mean"` the text
+    is a bag of position-tagged words, whose embeddings add up: what composes unseen word pairs), a final
+    LayerNorm. `causal=True` masks
     attention to earlier positions (CLIP's text model); `causal=False` lets every token see every non-pad
     token. `pool="eot"` reads the features at the first end-of-text token (`eot_id`; every row must hold one),
     which under causal attention has seen the whole caption, as CLIP; `pool="mean"` averages the features of
@@ -393,9 +395,11 @@ class TinyTextEncoder(nn.Module):
                  causal: bool = True, pool: str = "eot", mlp_ratio: float = 4.0, pad_id: int = PAD_ID,
                  eot_id: int = EOT_ID) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("width", width), ("layers", layers), ("heads", heads),
+        for name, value in (("vocab_size", vocab_size), ("width", width), ("heads", heads),
                             ("context_length", context_length)):
             _check_positive_int(name, value)
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"layers must be an int >= 0 (0: a bag of position-tagged words), got {layers!r}")
         if width % heads:
             raise ValueError(f"width={width} must be divisible by heads={heads}")
         if pool not in ("eot", "mean"):
@@ -454,12 +458,13 @@ class TinyCLIP(nn.Module):
     encoder + linear projection, both to `embed_dim`, and a learnable logit scale.
 
     `loss(images, targets)` -> {"loss": clip_loss, "logit_scale": the multiplier used}: `images` (B, C, H, W)
-    normalised with `signature` (the backbone's), `targets` the (B, L) int64 caption tokens (the trainer
-    contract: a caption dataset's targets are its tokens). The multiplier is `logit_scale.exp()` clamped at
-    100 (CLIP). `encode_image` / `encode_text` give (B, embed_dim) embeddings (unit rows with
-    `normalize=True`); `forward(images)` is the backbone's pooled features (B, C), the embedding kept after
-    pre-training. `text_encoder` is any module `tokens (B, L) -> (B, width)` with a `width` attribute
-    (`TinyTextEncoder`); `tokenizer` (optional, e.g. `WordTokenizer`) lets `encode_text` take strings.
+    normalised with `signature` (the backbone's), `targets` the (B, L) int64 caption tokens, or B caption
+    strings that `tokenizer` turns into tokens (what a caption dataset without a tokenizer yields). The
+    multiplier is `logit_scale.exp()` clamped at 100 (CLIP). `encode_image` / `encode_text` give (B,
+    embed_dim) embeddings (unit rows with `normalize=True`); `forward(images)` is the backbone's pooled
+    features (B, C), the embedding kept after pre-training. `text_encoder` is any module `tokens (B, L) ->
+    (B, width)` with a `width` attribute (`TinyTextEncoder`); `tokenizer` (optional, e.g. `WordTokenizer`) lets
+    `encode_text` take strings.
     """
 
     def __init__(self, image_backbone: nn.Module, text_encoder: nn.Module, *, embed_dim: int = 64,
@@ -508,8 +513,16 @@ class TinyCLIP(nn.Module):
         emb = self.text_projection(self.text_encoder(texts))
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def loss(self, images: Tensor, targets: Tensor | None = None) -> dict[str, Tensor]:
-        tokens = _check_tokens(targets, images.shape[0] if isinstance(images, Tensor) else None)
+    def loss(self, images: Tensor, targets: Tensor | Sequence[str] | None = None) -> dict[str, Tensor]:
+        batch = images.shape[0] if isinstance(images, Tensor) else None
+        if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
+            if self.tokenizer is None:
+                raise ValueError("targets are caption strings but this TinyCLIP has no tokenizer; pass tokens or "
+                                 "build it with tokenizer=WordTokenizer(...)")
+            if batch is not None and len(targets) != batch:
+                raise ValueError(f"targets has {len(targets)} captions for {batch} images; expected one per image")
+            targets = self.tokenizer(list(targets)).to(self.logit_scale.device)
+        tokens = _check_tokens(targets, batch)
         scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         loss = clip_loss(self.encode_image(images), self.encode_text(tokens), scale)
         return {"loss": loss, "logit_scale": scale.detach()}

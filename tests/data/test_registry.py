@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_table():
     assert set(DATASETS) == {"shapes", "shapes-classification", "shapes-regression", "shapes-multitask",
                              "shapes-segmentation", "digits", "voc", "voc-segmentation", "segmentation-folder",
-                             "cifar10", "imagefolder", "coco", "coloured-digits"}
+                             "cifar10", "imagefolder", "coco", "coloured-digits", "shapes-captions"}
     for name, entry in DATASETS.items():
         assert isinstance(entry, DatasetEntry) and entry.name == name and entry.task in TASKS and entry.description
     assert {n for n, e in DATASETS.items() if e.needs_root} == {"voc", "voc-segmentation", "segmentation-folder",

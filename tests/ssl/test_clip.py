@@ -262,6 +262,17 @@ def test_text_encoder_ignores_padding(pool, causal):
         assert changed == (not (pool == "eot" and causal))
 
 
+def test_text_encoder_without_blocks_is_a_mean_of_normalised_word_and_position_embeddings():
+    torch.manual_seed(0)
+    enc = TinyTextEncoder(12, width=16, layers=0, heads=2, context_length=6, pool="mean", causal=False).eval()
+    tokens = torch.tensor([[3, 4, EOT_ID, 0, 0, 0]])
+    with torch.no_grad():
+        per_token = enc.ln_final(enc.token_embedding(tokens[0, :3]) + enc.positional_embedding[:3])
+        torch.testing.assert_close(enc(tokens)[0], per_token.mean(0))
+    with pytest.raises(ValueError, match="layers must be an int >= 0"):
+        TinyTextEncoder(12, layers=-1)
+
+
 def test_text_encoder_validates():
     enc = TinyTextEncoder(10, width=8, layers=1, heads=2, context_length=4)
     with pytest.raises(ValueError, match="context_length"):
