@@ -755,7 +755,7 @@ def _entries() -> list[ZooEntry]:
         *(ZooEntry(f.__name__, f, "debiasing", train_defaults=_DEBIASING_TRAINING) for f in (
             dann_resnet_micro, erm_resnet_micro)),
         ZooEntry("tiny_clip_resnet_micro", tiny_clip_resnet_micro, "zero_shot",
-                 train_defaults={"augment": "none", "steps": 1500, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
+                 train_defaults={"augment": "none", "steps": 600, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
                                  "train_images": 4096, "val_images": 400}),
         ZooEntry("siren_image", siren_image, "implicit"),
         ZooEntry("nerf_tiny", nerf_tiny, "implicit"),
