@@ -607,9 +607,9 @@ def hyper_classifier(num_classes: int = 10, in_channels: int = 3, **params) -> I
 
 # ---- few-shot, debiasing (cvzoo.adapt) -------------------------------------------------------------------
 
-def protonet_resnet_micro(in_channels: int = 3, n_way: int = 20, k_shot: int = 5, query: int = 5,
+def protonet_resnet_micro(in_channels: int = 3, n_way: int = 5, k_shot: int = 5, query: int = 5,
                           pretrained: bool = False, **kwargs):
-    """Prototypical network on ResNet-micro's stride-8 map, flattened; 20-way 5-shot training episodes."""
+    """Prototypical network on ResNet-micro's stride-8 map, flattened; 5-way 5-shot training episodes."""
     from cvzoo.adapt import ProtoNet
 
     kwargs.setdefault("pool", "flatten")

@@ -18,6 +18,7 @@ from cvzoo.experiment import (
     build_dataset,
     check_pair,
     collate_for,
+    episodic_loader,
     evaluate_task,
     load_run,
     make_batch_transform,
@@ -28,7 +29,8 @@ from cvzoo.experiment import (
 from cvzoo.train import Trainer
 from cvzoo.zoo import MODELS, create_model
 
-EMBEDDED = [name for name, e in DATASETS.items() if not e.needs_root and e.task in TRAINABLE_TASKS]
+DATA_TASKS = {DATA_TASK.get(t, t) for t in TRAINABLE_TASKS}  # what the trainable tasks' datasets are
+EMBEDDED = [name for name, e in DATASETS.items() if not e.needs_root and e.task in DATA_TASKS]
 PAIRS = [(m, d) for d in EMBEDDED for m, e in MODELS.items() if DATA_TASK.get(e.task, e.task) == DATASETS[d].task]
 
 
@@ -43,15 +45,19 @@ def test_every_trainable_task_has_a_noop_baseline_and_an_embedded_dataset():
 def test_one_training_step_of_every_compatible_pair(model_name, dataset_name):
     """The smoke matrix: every zoo model on every embedded dataset of its task takes a finite step that
     changes its weights."""
-    settings = TrainSettings(model=model_name, dataset=dataset_name, train_images=2)
     task, _ = check_pair(model_name, dataset_name)
+    # few-shot models train on episodes (k_shot + query images of each class): the default image count
+    settings = TrainSettings(model=model_name, dataset=dataset_name, train_images=None if task == "few_shot" else 2)
     probe = build_dataset(dataset_name, "train", settings)
     torch.manual_seed(0)
     model = create_model(model_name, **model_kwargs(model_name, probe.info))
     data = build_dataset(dataset_name, "train", settings, model.signature.in_channels,
                          getattr(model, "image_size", None) if task == "generation" else None)
-    loader = DataLoader(torch.utils.data.Subset(data, [0, 1]), batch_size=2,
-                        collate_fn=collate_for(task, target_keys(model)))
+    if task == "few_shot":
+        loader = episodic_loader(model, data, episodes=1)
+    else:
+        loader = DataLoader(torch.utils.data.Subset(data, [0, 1]), batch_size=2,
+                            collate_fn=collate_for(task, target_keys(model)))
     before = [p.detach().clone() for p in model.parameters()]
     trainer = Trainer(model, max_steps=1, lr=1e-2, warmup_steps=0, schedule="constant", progress=False,
                       device="cpu", strategy="single",
