@@ -20,36 +20,30 @@ the running sum of allocations and frees), from one extra call. PML configuratio
 are skipped, with the reason printed, when their estimated memory exceeds --max-gb or a call is predicted to
 take longer than --max-call-s.
 
-    python benchmarks/ssl.py --quick                                  # smoke run, under a minute
-    python benchmarks/ssl.py --json ssl.json                          # CPU, N = 256 ... 8192, 20,000 vectors
-    python benchmarks/ssl.py --device cuda --parts ntxent miners --json ssl_cuda.json
+    python benchmarks/self_supervised.py --quick                    # smoke run, under a minute
+    python benchmarks/self_supervised.py --json ssl.json            # CPU, N = 256 ... 8192, 20,000 vectors
+    python benchmarks/self_supervised.py --device cuda --parts ntxent miners --json ssl_cuda.json
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
+import json
 import os
+import platform
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-# Run as `python benchmarks/ssl.py`, this directory comes first on sys.path and this file would shadow the
-# standard library's `ssl` module for everything imported below (pymilvus, grpc, urllib): drop it.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from cvzoo.profiling import median_seconds  # noqa: E402
-from cvzoo.ssl import (  # noqa: E402
+from cvzoo.profiling import median_seconds
+from cvzoo.ssl import (
     NearestNeighborIndex,
     batch_hard_miner,
     distance_weighted_miner,
@@ -57,7 +51,7 @@ from cvzoo.ssl import (  # noqa: E402
     recall_at_k,
     semi_hard_miner,
 )
-from cvzoo.ssl.index import BACKENDS  # noqa: E402
+from cvzoo.ssl.index import BACKENDS
 
 DIM = 128
 TEMPERATURE = 0.1
