@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from cvzoo.backbones.base import last_map_channels
 from cvzoo.ssl.gather import gather_with_grad, rank_and_world
 from cvzoo.ssl.heads import MLPHead
-from cvzoo.ssl.method import _check_size, _MomentumMixin, _pool, _ViewsMixin
+from cvzoo.ssl.method import _MomentumMixin, _pool, _ViewsMixin
 from cvzoo.ssl.momentum import momentum_copy
 from cvzoo.ssl.views import TwoViews, ssl_augmentation
 
@@ -140,10 +140,7 @@ class _TwoViewMethod(_ViewsMixin, nn.Module):
         if views is not None and not isinstance(views, nn.Module):
             raise ValueError(f"views must be an nn.Module returning two views, or None, got {type(views).__name__}")
         self.backbone = backbone
-        self.signature = backbone.signature
-        self.image_size = _check_size("image_size", image_size)
-        self._auto_views = None
-        self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
+        self._init_views(backbone, views, image_size)
 
     def _default_views(self, size: tuple[int, int]) -> nn.Module:
         return TwoViews(ssl_augmentation(size))

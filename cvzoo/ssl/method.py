@@ -72,6 +72,14 @@ class _ViewsMixin:
     def _default_views(self, size: tuple[int, int]) -> nn.Module:
         raise NotImplementedError
 
+    def _init_views(self, backbone: nn.Module, views: nn.Module | None, image_size: object) -> None:
+        """The backbone's signature, a checked `image_size`, and `views` (or the default views at `image_size`,
+        or none yet: built per input size by `_make_views`)."""
+        self.signature = backbone.signature
+        self.image_size = _check_size("image_size", image_size)
+        self._auto_views = None
+        self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
+
     def _make_views(self, images: Tensor, *, min_batch: int, num_views: int | None) -> list[Tensor]:
         images = cast_like_parameters(self.signature.validate(images), self)  # type: ignore[arg-type]
         if images.shape[0] < min_batch:

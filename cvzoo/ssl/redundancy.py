@@ -16,9 +16,8 @@ from torch import Tensor, nn
 from cvzoo.backbones.base import last_map_channels
 from cvzoo.ssl.gather import gather_with_grad, rank_and_world
 from cvzoo.ssl.heads import MLPHead
-from cvzoo.ssl.method import _check_positive_int, _check_size, _pool, _ViewsMixin
+from cvzoo.ssl.method import _check_positive_int, _pool, _ViewsMixin
 from cvzoo.ssl.views import byol_views
-from cvzoo.types import Signature
 
 
 def _all_reduce_sum(x: Tensor) -> Tensor:
@@ -131,12 +130,9 @@ class _TwoViewEmbedding(_ViewsMixin, nn.Module):
         dim = last_map_channels(backbone, type(self).__name__)
         _check_positive_int("projection_dim", projection_dim)
         _check_positive_int("hidden_dim", hidden_dim)
-        self.image_size = _check_size("image_size", image_size)
         self.backbone = backbone
         self.projector = MLPHead(dim, hidden_dim, projection_dim, num_layers=3)
-        self.signature: Signature = backbone.signature
-        self._auto_views = None
-        self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
+        self._init_views(backbone, views, image_size)
 
     def _default_views(self, size: tuple[int, int]) -> nn.Module:
         return byol_views(size)

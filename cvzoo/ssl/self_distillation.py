@@ -185,16 +185,13 @@ class BYOL(_ViewsMixin, _MomentumMixin, nn.Module):
         self.base_momentum = _check_unit("momentum", momentum)
         self.final_momentum = _check_unit("final_momentum", final_momentum)
         self.max_steps = _check_max_steps(max_steps)
-        self.image_size = _check_size("image_size", image_size)
         self.backbone = backbone
         self.projector = MLPHead(dim, hidden_dim, projection_dim)
         self.predictor = MLPHead(projection_dim, hidden_dim, projection_dim)
         self.target_backbone = momentum_copy(backbone)
         self.target_projector = momentum_copy(self.projector)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.signature: Signature = backbone.signature
-        self._auto_views = None
-        self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
+        self._init_views(backbone, views, image_size)
 
     def _default_views(self, size: tuple[int, int]) -> nn.Module:
         return byol_views(size)
@@ -239,13 +236,10 @@ class SimSiam(_ViewsMixin, nn.Module):
         _check_positive_int("projection_dim", projection_dim)
         _check_positive_int("hidden_dim", hidden_dim)
         _check_positive_int("prediction_hidden_dim", prediction_hidden_dim)
-        self.image_size = _check_size("image_size", image_size)
         self.backbone = backbone
         self.projector = MLPHead(dim, hidden_dim, projection_dim, num_layers=3, last_norm=True)
         self.predictor = MLPHead(projection_dim, prediction_hidden_dim, projection_dim)
-        self.signature: Signature = backbone.signature
-        self._auto_views = None
-        self.views = views if views is not None or self.image_size is None else self._default_views(self.image_size)
+        self._init_views(backbone, views, image_size)
 
     def _default_views(self, size: tuple[int, int]) -> nn.Module:
         return TwoViews(ssl_augmentation(size, scale=(0.2, 1.0), blur=0.5))
