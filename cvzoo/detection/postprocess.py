@@ -19,6 +19,22 @@ from cvzoo.detection.boxes import clip_boxes
 from cvzoo.detection.structures import Detections
 
 GROUPED_NMS_BUDGET = 2**26  # (groups x largest group^2) IoU entries grouped_nms may hold at once
+# pairs a row from which select_topk compacts the pairs above a cut instead of a top-k over all of them
+# (CPU): shorter rows are cheap to top-k, and the compaction's ~20 operations would cost more
+COMPACT_MIN_PAIRS = 2**14
+
+
+def iou_above(iou: Tensor, threshold: float) -> Tensor:
+    """iou > threshold as torchvision's nms decides it: a float32 IoU against the threshold as a double.
+    A float32 tensor compares against the threshold rounded to float32, which differs when the IoU equals
+    that rounding (IoU 3/10 against 0.3); comparing against the threshold rounded down instead is the
+    same as the double comparison for every float32 IoU."""
+    if iou.dtype == torch.float32:
+        rounded = torch.tensor(threshold, dtype=torch.float32)
+        if rounded.item() > threshold:
+            rounded = torch.nextafter(rounded, torch.tensor(-math.inf))
+        threshold = rounded.item()
+    return iou > threshold
 
 
 def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float,
@@ -47,7 +63,7 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
           - torch.maximum(block[:, :, None, :2], block[:, None, :, :2])).clamp(min=0)
     inter = wh.prod(-1)  # (G, S, S)
     area = (block[..., 2:] - block[..., :2]).prod(-1)  # (G, S)
-    over = inter / (area[:, :, None] + area[:, None, :] - inter) > iou_threshold
+    over = iou_above(inter / (area[:, :, None] + area[:, None, :] - inter), iou_threshold)
     over &= torch.ones(size, size, dtype=torch.bool, device=boxes.device).triu(1)  # i outranks j
     keep = valid
     while True:
@@ -117,6 +133,8 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
     # gather with an expanded (B, m, K) index
     rows_of = scores.reshape(b * r, k) if scores.is_contiguous() else scores.contiguous().reshape(b * r, k)
     image_offset = torch.arange(b, device=scores.device)[:, None] * r  # (B, 1)
+    if raw_thresh is not None:  # a hair below, so that rounding between the key and the score drops nothing
+        raw_thresh = raw_thresh - 1e-6 * (1 + abs(raw_thresh))
     out_s, out_i = [], []
     start = 0
     for n in num_per_level:  # static level structure
@@ -129,13 +147,16 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
         m = min(topk_candidates, n)
         if raw_thresh is not None:
             m = min(m, int((best_of_prior > raw_thresh).sum(dim=1).max()))
-        _, priors = best_of_prior.topk(m, dim=1, sorted=False)  # (B, m)
+        prior_best, priors = best_of_prior.topk(m, dim=1, sorted=False)  # (B, m)
         pairs = rows_of.index_select(0, (priors + start + image_offset).reshape(-1)).reshape(b, m, k)  # (B, m, K)
         pairs = pairs if pairs.dtype == torch.float32 else pairs.float()
         if prior_logits is not None:
             pairs = F.logsigmoid(pairs) + torch.gather(bias, 1, priors)[..., None]
         pairs = pairs.reshape(b, -1)  # (B, m*K)
-        top_s, j = pairs.topk(min(topk_candidates, m * k), dim=1, sorted=False)
+        if raw_thresh is None or m * k < COMPACT_MIN_PAIRS:
+            top_s, j = pairs.topk(min(topk_candidates, m * k), dim=1, sorted=False)
+        else:
+            top_s, j = _topk_above(pairs, prior_best, raw_thresh, topk_candidates)
         out_s.append(top_s)
         out_i.append((torch.gather(priors, 1, torch.div(j, k, rounding_mode="floor")) + start) * k + j % k)
         start += n
@@ -146,6 +167,34 @@ def select_topk(scores: Tensor, num_per_level: Sequence[int], score_thresh: floa
         top_scores = to_probability(top_scores.float())
     top_scores = torch.where(top_scores > score_thresh, top_scores, torch.full_like(top_scores, -1.0))
     return top_scores, torch.div(flat, k, rounding_mode="floor"), flat % k
+
+
+def _topk_above(pairs: Tensor, prior_best: Tensor, raw_thresh: float, topk: int) -> tuple[Tensor, Tensor]:
+    """The best `topk` of each row of `pairs` (B, m*K) among those above `raw_thresh`, padded with -inf:
+    (B, N) values and column indices, N <= topk. One synchronisation.
+
+    `prior_best` (B, m) are the maxima of the m priors the pairs come from. When m = topk, those m
+    maxima are m pairs at or above their minimum, so every one of the best `topk` pairs is at or above
+    it too: a compare and a compaction keep them, and the top-k runs only over the pairs that pass,
+    which in the dense regime is about topk of the m*K (each prior's best class only).
+    """
+    b = pairs.shape[0]
+    cut = raw_thresh
+    if prior_best.shape[1] == topk:
+        cut = prior_best.amin(dim=1, keepdim=True).clamp(min=raw_thresh)  # (B, 1)
+    keep = pairs >= cut
+    counts = keep.sum(dim=1)
+    most = int(counts.max()) if b else 0
+    image, column = keep.nonzero().unbind(1)
+    slot = torch.arange(image.numel(), device=pairs.device) - (torch.cumsum(counts, 0) - counts)[image]
+    values = pairs.new_full((b, most), -math.inf)
+    values[image, slot] = pairs[image, column]
+    columns = torch.zeros(b, most, dtype=torch.int64, device=pairs.device)
+    columns[image, slot] = column
+    if most > topk:
+        values, j = values.topk(topk, dim=1, sorted=False)
+        columns = torch.gather(columns, 1, j)
+    return values, columns
 
 
 def batched_postprocess(
@@ -259,15 +308,20 @@ def _nms_best_first(boxes: Tensor, groups: Tensor, image_of: Tensor, position: T
 
 def _overlaps_kept(boxes: Tensor, groups: Tensor, kept: Tensor, candidates: Tensor, iou_threshold: float) -> Tensor:
     """(C,) bool: candidate overlaps (IoU > threshold) a kept box of its group. Kept boxes are laid out
-    in a padded (groups, most kept in a group, 4) block; each candidate meets its group's row."""
+    coordinate-major in a padded (4, groups, most kept in a group) block; each candidate meets its group's
+    row. The IoU is torchvision's nms arithmetic, operation for operation, so the decisions are the same."""
     kept = kept[torch.sort(groups[kept], stable=True).indices]
     ids, slot, counts = torch.unique_consecutive(groups[kept], return_inverse=True, return_counts=True)
     rank = torch.arange(kept.numel(), device=kept.device) - (torch.cumsum(counts, 0) - counts)[slot]
-    block = boxes.new_zeros(ids.numel() + 1, int(counts.max()), 4)  # the last row: groups with no kept box
-    block[slot, rank] = boxes[kept]
-    row = torch.searchsorted(ids, groups[candidates]).clamp(max=ids.numel() - 1)
-    row = torch.where(ids[row] == groups[candidates], row, ids.numel())
-    a, k = boxes[candidates][:, None], block[row]  # (C, 1, 4), (C, S, 4)
-    inter = (torch.minimum(a[..., 2:], k[..., 2:]) - torch.maximum(a[..., :2], k[..., :2])).clamp(min=0).prod(-1)
-    area_a, area_k = (a[..., 2:] - a[..., :2]).prod(-1), (k[..., 2:] - k[..., :2]).prod(-1)
-    return (inter / (area_a + area_k - inter) > iou_threshold).any(dim=1)
+    block = boxes.new_zeros(4, ids.numel() + 1, int(counts.max()))  # the last row: groups with no kept box
+    block[:, slot, rank] = boxes[kept].T
+    x1, y1, x2, y2 = block.unbind(0)  # (groups + 1, S) each
+    group = groups[candidates]
+    row = torch.searchsorted(ids, group).clamp(max=ids.numel() - 1)
+    row = torch.where(ids[row] == group, row, ids.numel())  # (C,)
+    a = boxes[candidates]  # (C, 4)
+    w = (torch.minimum(x2[row], a[:, 2:3]) - torch.maximum(x1[row], a[:, 0:1])).clamp_(min=0)  # (C, S)
+    h = (torch.minimum(y2[row], a[:, 3:4]) - torch.maximum(y1[row], a[:, 1:2])).clamp_(min=0)
+    inter = w.mul_(h)
+    union = ((x2 - x1) * (y2 - y1))[row].add_(((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]).sub_(inter)
+    return iou_above(inter.div_(union), iou_threshold).any(dim=1)

@@ -149,12 +149,16 @@ def test_select_topk_shapes_and_values():
         col += kk
 
 
-@pytest.mark.parametrize("shrink", [False, True])
+@pytest.mark.parametrize("shrink,compact", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("logits", [False, True])
-def test_two_stage_selection_keeps_the_top_pairs_of_all(logits, shrink):
+def test_two_stage_selection_keeps_the_top_pairs_of_all(logits, shrink, compact, monkeypatch):
     """A level with more priors than candidates goes through the best-prior-first stage; its result must be
-    the top-k over all (prior, class) pairs, also when a prior holds several of the best pairs, and also
-    when the priors taken shrink to those above the threshold (`raw_thresh`, the CPU path)."""
+    the top-k over all (prior, class) pairs, also when a prior holds several of the best pairs, also
+    when the priors taken shrink to those above the threshold (`raw_thresh`, the CPU path), and also when
+    the pairs are compacted above the k-th best prior's maximum instead of top-k'd (long rows on CPU)."""
+    import cvzoo.detection.postprocess as post
+
+    monkeypatch.setattr(post, "COMPACT_MIN_PAIRS", 0 if compact else 2**62)
     b, k, num_per_level, topk, thresh = 3, 6, [200, 30, 3], 25, 0.6
     g = torch.Generator().manual_seed(7)
     scores = torch.rand(b, sum(num_per_level), k, generator=g) * 0.7  # 60% of the priors above 0.6
@@ -179,6 +183,54 @@ def test_two_stage_selection_keeps_the_top_pairs_of_all(logits, shrink):
     assert got == sorted(expected)
     assert sum(1 for i, p, _ in got if (i, p) == (0, 5)) == k
     assert all(i != 1 for i, *_ in got)
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_compacted_selection_with_more_ties_at_the_cut_than_candidates(logits, monkeypatch):
+    """Many pairs share the k-th best prior's maximum: more pairs pass the compaction's cut than there are
+    candidates, and the top-k that follows must still return k pairs of the reference's values."""
+    import cvzoo.detection.postprocess as post
+
+    monkeypatch.setattr(post, "COMPACT_MIN_PAIRS", 0)
+    b, k, n, topk, thresh = 2, 5, 120, 30, 0.2
+    g = torch.Generator().manual_seed(2)
+    scores = torch.rand(b, n, k, generator=g) * 0.5
+    scores[:, :60] = 0.75  # 60 priors x 5 classes tie at the cut
+    scores[0, 60:] = 0.9  # image 0: its best 300 pairs are all 0.9, on priors 60-119
+    raw, fn = (torch.logit(scores), torch.sigmoid) if logits else (scores, None)
+    raw_thresh = math.log(thresh / (1 - thresh)) if logits else thresh
+    top_scores, prior_idx, labels = select_topk(raw, [n], thresh, topk, fn, raw_thresh)
+    assert top_scores.shape == (b, topk)
+    expected = scores.reshape(b, -1).topk(topk, dim=1).values
+    torch.testing.assert_close(top_scores.sort(dim=1).values, expected.sort(dim=1).values)
+    torch.testing.assert_close(scores[torch.arange(b)[:, None], prior_idx, labels], top_scores)
+
+
+def test_screening_against_kept_boxes_decides_as_torchvision_nms():
+    """`_overlaps_kept` must suppress exactly the candidates torchvision's nms would suppress given the kept
+    boxes of their group, including IoU exactly at the threshold (integer boxes) and groups with none kept."""
+    from torchvision.ops import nms
+
+    from cvzoo.detection.postprocess import _overlaps_kept
+
+    g = torch.Generator().manual_seed(4)
+    n = 400
+    xy = torch.randint(0, 40, (n, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + torch.randint(1, 12, (n, 2), generator=g).float()], dim=1)
+    # IoU exactly 3/10 and 1/2: 0.3 is not a float32, and torchvision compares the float32 IoU with it as a double
+    boxes[:4] = torch.tensor([[50.0, 50, 53, 51], [60, 60, 62, 62], [70, 70, 74, 74], [80, 80, 82, 84]])
+    boxes[150:154] = torch.tensor([[50.0, 50, 60, 51], [60, 60, 62, 64], [70, 70, 74, 78], [80, 80, 84, 84]])
+    groups = torch.randint(0, 7, (n,), generator=g)
+    groups[150:154] = groups[:4]
+    kept = torch.arange(0, 150)
+    kept = kept[groups[kept] != 6]  # group 6 has candidates but no kept box
+    candidates = torch.arange(150, n)
+    for threshold in (0.3, 0.5):
+        got = _overlaps_kept(boxes, groups, kept, candidates, threshold)
+        expected = torch.tensor([any(nms(boxes[[i, c]], torch.tensor([1.0, 0.0]), threshold).numel() == 1
+                                     for i in kept.tolist() if groups[i] == groups[c]) for c in candidates.tolist()])
+        assert torch.equal(got, expected)
+        assert 0 < int(got.sum()) < len(candidates) and not got[groups[candidates] == 6].any()
 
 
 def test_nms_that_stops_early_equals_full_nms_over_several_rounds(monkeypatch):
@@ -220,6 +272,9 @@ def test_grouped_nms_equals_torchvision_batched_nms(threshold):
     boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 80], dim=1)
     scores = torch.rand(n, generator=g)
     groups = torch.randint(0, 40, (n,), generator=g)
+    # IoU exactly 3/10 (0.3 is not a float32; torchvision compares the float32 IoU with it as a double)
+    boxes[:2], scores[:2] = torch.tensor([[0.0, 0, 3, 1], [0, 0, 10, 1]]), torch.tensor([2.0, 1.0])
+    groups[1] = groups[0]
     ref = batched_nms(boxes, scores, groups, threshold)
     got = grouped_nms(boxes, scores, groups, threshold)
     assert torch.equal(got.sort().values, ref.sort().values)
