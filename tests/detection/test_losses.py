@@ -198,3 +198,38 @@ def test_label_focal_loss_equals_torchvision_focal_on_one_hot_targets(compiled):
     (g_ours,) = torch.autograd.grad(ours.sum(), logits)
     (g_ref,) = torch.autograd.grad(ref.sum(), logits)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 1.5), (0.25, 0.0)])
+def test_negative_focal_sum_backward_passes_gradcheck(alpha, gamma):
+    """The hand-written backward of the eager (B, R, K) term against numerical derivatives, float64."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 5, 4, generator=g, dtype=torch.float64) * 5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: losses_module._NegativeFocalSum.apply(t, alpha, gamma), (x,))
+    ref = ((1 - alpha) * torch.sigmoid(x).pow(gamma) * F.softplus(x)).sum(-1)
+    torch.testing.assert_close(losses_module._NegativeFocalSum.apply(x, alpha, gamma), ref)
+
+
+def test_label_focal_loss_matches_torchvision_at_extreme_logits():
+    """Saturated logits (|x| up to 60, where softplus is x or 0 in float32) give torchvision's values and
+    gradients: no inf, no NaN from log(0) or from 1 - sigmoid(x) rounding to 0."""
+    x = torch.tensor([-60.0, -30, -17, -5, -1e-3, 0, 1e-3, 5, 17, 30, 60])
+    logits = x.repeat(2, 11, 1).transpose(1, 2).contiguous().requires_grad_(True)  # (2, 11, 11)
+    labels = torch.arange(11).repeat(2, 1) - torch.tensor([[0], [1]])  # the second image: one background row
+    ours = losses_module.label_focal_loss(logits, labels)
+    onehot = F.one_hot(labels.clamp(min=0), 11).float() * (labels >= 0)[..., None]
+    ref = sigmoid_focal_loss(logits, onehot, reduction="none").sum(-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.sum(), logits)
+    assert torch.isfinite(g_ours).all()
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_softplus_from_sigmoid_equals_softplus():
+    x = torch.cat([torch.linspace(-90, 90, 2001), torch.tensor([0.0, 1e-8, -1e-8])])
+    x.requires_grad_(True)
+    got = losses_module.softplus_from_sigmoid(x, torch.sigmoid(x))
+    torch.testing.assert_close(got, F.softplus(x), rtol=1e-6, atol=1e-7)
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(grad, torch.sigmoid(x.detach()), rtol=1e-6, atol=1e-7)  # also at exactly 0
