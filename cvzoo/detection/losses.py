@@ -35,23 +35,11 @@ def label_focal_loss(logits: Tensor, labels: Tensor, weight: Tensor | None = Non
         neg = _NegativeFocalSum.apply(x, alpha, gamma)
     fg = labels >= 0
     xp = torch.gather(x, -1, labels.clamp(min=0)[..., None])[..., 0]  # (B, R) logit of the labelled class
-    sp = torch.sigmoid(xp)
-    softplus_p = softplus_from_sigmoid(xp, sp)
+    sp, softplus_p = torch.sigmoid(xp), F.softplus(xp)  # (B, R): the scalar softplus is cheap here
     as_pos = alpha * (1 - sp).pow(gamma) * (softplus_p - xp)  # softplus(-x) = softplus(x) - x
     as_neg = (1 - alpha) * sp.pow(gamma) * softplus_p
     loss = neg + torch.where(fg, as_pos - as_neg, 0.0)
     return loss if weight is None else loss * weight
-
-
-def softplus_from_sigmoid(x: Tensor, s: Tensor) -> Tensor:
-    """softplus(x) = relu(x) - log(sigmoid(|x|)), with sigmoid(|x|) = s or 1 - s from s = sigmoid(x).
-
-    Same values as F.softplus to float32 rounding (absolute error below 1e-7), from one log, which CPU
-    kernels vectorise; torch's softplus (and log1p) run a scalar log1p an element there, 20x slower.
-    Differentiable (out of place): at x = 0 the branch is -log(1 - s) and relu's gradient is 0, so the
-    gradient is s there too (a max(s, 1 - s) would split it into 0 at the tie).
-    """
-    return torch.relu(x) - torch.log(torch.where(x > 0, s, 1 - s))
 
 
 class _NegativeFocalSum(torch.autograd.Function):
@@ -61,7 +49,9 @@ class _NegativeFocalSum(torch.autograd.Function):
     d/dx [s^g softplus(x)] = s^g (g (1 - s) softplus(x) + s), s = sigmoid(x). Forward and backward each
     take a few in-place passes over the (B, R, K) tensor and keep two of its size (s, softplus(x)) for the
     backward; autograd's version of the same expression takes about twice as many passes, and F.softplus
-    is a scalar loop on CPU. Checked against autograd in float64 (gradcheck) and against torchvision.
+    is a scalar loop on CPU (33 ms for 6 M elements against 1.5 ms for sigmoid): softplus(x) is
+    relu(x) - log(sigmoid(|x|)) here, sigmoid(|x|) = max(s, 1 - s), one vectorised log. Checked against
+    autograd in float64 (gradcheck) and against torchvision.
     """
 
     @staticmethod
@@ -78,7 +68,7 @@ class _NegativeFocalSum(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         s, softplus = ctx.saved_tensors
         gamma = ctx.gamma
-        out = torch.rsub(s, 1).mul_(softplus).mul_(gamma).add_(s)  # g (1 - s) softplus + s
+        out = torch.addcmul(s, torch.rsub(s, 1), softplus, value=gamma)  # g (1 - s) softplus + s
         if gamma == 2:
             out.mul_(s).mul_(s)
         else:

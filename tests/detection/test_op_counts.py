@@ -42,8 +42,9 @@ def test_loss_ops_do_not_grow_with_batch_or_boxes_and_never_sync(name):
     assert all(syncs == 0 for _, syncs in counts.values()), counts
 
 
-def test_retinanet_loss_within_250_ops():
-    ops, _ = _loss_counts(create_model("retinanet_micro"), 4, 8)
+@pytest.mark.parametrize("name", ["retinanet_micro", "fcos_micro"])
+def test_loss_within_250_ops(name):
+    ops, _ = _loss_counts(create_model(name), 4, 8)
     assert ops <= 250
 
 
