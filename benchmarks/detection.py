@@ -29,11 +29,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from cvzoo.detection import FCOS, RetinaNet, TargetBatch
 from cvzoo.heads import DenseOutput, FCOSOutput
-from cvzoo.profiling import count_ops, median_seconds
+from cvzoo.profiling import count_ops, paired_median_seconds
 
 
-def timeit(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
-    return median_seconds(fn, device, repeats, warmup)
+def paired(ours: Callable[[], object], tv: Callable[[], object], device: str, repeats: int,
+           warmup: int = 2) -> list[float]:
+    """Medians of both, called alternately: each side runs in the process state the other leaves (timed one
+    after the other, a CPU loss changed 2x depending on which ran first; see BENCHMARKS.md)."""
+    return paired_median_seconds([ours, tv], device, repeats, warmup)
 
 
 def build_pair(kind: str, depth: int, num_classes: int, size: int, device: str):
@@ -126,8 +129,7 @@ def bench_config(kind, depth, batch, boxes, size, args, device, results):
     r = {"model": kind, "depth": depth, "batch": batch, "boxes": boxes, "size": size}
     r["loss_ops_cvzoo"], r["loss_syncs_cvzoo"] = count_ops(ours_loss)
     r["loss_ops_tv"], r["loss_syncs_tv"] = count_ops(tv_loss)
-    r["loss_ms_cvzoo"] = 1e3 * timeit(ours_loss_fn, device, args.repeats)
-    r["loss_ms_tv"] = 1e3 * timeit(tv_loss, device, args.repeats)
+    r["loss_ms_cvzoo"], r["loss_ms_tv"] = (1e3 * t for t in paired(ours_loss_fn, tv_loss, device, args.repeats))
     r["loss_graph_breaks_cvzoo"] = graph_breaks
 
     # ---- post-processing -------------------------------------------------------------------------
@@ -146,8 +148,7 @@ def bench_config(kind, depth, batch, boxes, size, args, device, results):
 
     r["post_ops_cvzoo"], r["post_syncs_cvzoo"] = count_ops(ours_post)
     r["post_ops_tv"], r["post_syncs_tv"] = count_ops(tv_post)
-    r["post_ms_cvzoo"] = 1e3 * timeit(ours_post, device, args.repeats)
-    r["post_ms_tv"] = 1e3 * timeit(tv_post, device, args.repeats)
+    r["post_ms_cvzoo"], r["post_ms_tv"] = (1e3 * t for t in paired(ours_post, tv_post, device, args.repeats))
     n_ours = sum(len(d.boxes) for d in ours_post())
     n_tv = sum(len(d["boxes"]) for d in tv_post())
     r["detections_cvzoo"], r["detections_tv"] = n_ours, n_tv
@@ -198,15 +199,14 @@ def bench_step(kind, depth, batch, size, args, device, results):
         r["step_graph_breaks_tv"] = len(torch._dynamo.explain(tv_eager_step)(list(images), targets).break_reasons)
         torch._dynamo.reset()
         loss_fn = torch.compile(ours.loss)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    r["step_ms_cvzoo"] = 1e3 * timeit(ours_step, device, args.step_repeats)
-    if device == "cuda":
-        r["peak_mem_mb_cvzoo"] = torch.cuda.max_memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-    r["step_ms_tv"] = 1e3 * timeit(tv_step, device, args.step_repeats)
-    if device == "cuda":
-        r["peak_mem_mb_tv"] = torch.cuda.max_memory_allocated() / 2**20
+    r["step_ms_cvzoo"], r["step_ms_tv"] = (1e3 * t for t in paired(ours_step, tv_step, device, args.step_repeats))
+    if device == "cuda":  # peak memory of one more step each, after the timing (compilation done)
+        for name, step in (("cvzoo", ours_step), ("tv", tv_step)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            r[f"peak_mem_mb_{name}"] = torch.cuda.max_memory_allocated() / 2**20
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as fc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,15 +52,27 @@ def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
 def median_seconds(fn: Callable[[], object], device: str = "cpu", repeats: int = 5, warmup: int = 2) -> float:
     """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones; on CUDA each call is
     bracketed by synchronisations, so the time is the device's, not the launch's."""
+    return paired_median_seconds([fn], device, repeats, warmup)[0]
+
+
+def paired_median_seconds(fns: Sequence[Callable[[], object]], device: str = "cpu", repeats: int = 5,
+                          warmup: int = 2) -> list[float]:
+    """Median wall time of each of `fns`, called in turn (a, b, a, b, ...): `warmup` untimed rounds, then
+    `repeats` timed ones. For side-by-side comparisons: each function runs in the same process state as
+    the others. Timed one after the other instead, the second can run in a warmer (or colder) state the
+    first left behind: on CPU, whether a 100 MB allocation faults in fresh pages or reuses freed ones
+    changes a detection loss by 2x, and depends on what ran just before."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, own in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            own.append(time.perf_counter() - t)
+    return [statistics.median(own) for own in times]

@@ -39,3 +39,14 @@ def test_median_seconds_takes_the_median_after_the_warmup():
     t = median_seconds(fn, repeats=3, warmup=2)
     assert len(calls) == 5
     assert 0.01 <= t < 0.03  # the median of (0.0, 0.03, 0.01) plus timer overhead; the warm-ups do not count
+
+
+def test_paired_median_seconds_alternates_the_functions():
+    from cvzoo.profiling import paired_median_seconds
+
+    order = []
+    a = lambda: order.append("a")  # noqa: E731
+    b = lambda: order.append("b")  # noqa: E731
+    medians = paired_median_seconds([a, b], repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4  # one warm-up round, three timed rounds, alternating
+    assert len(medians) == 2 and all(m >= 0 for m in medians)
