@@ -83,8 +83,11 @@ class PointGenerator(nn.Module):
         return len(self.strides)
 
     def forward(self, sizes: Sequence[tuple[int, int]], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-        no_offsets = torch.zeros(self.num_levels, 1, 2, device=device, dtype=dtype)
-        return _grid_priors_of(sizes, self.strides, self.offset, no_offsets)
+        if torch.compiler.is_compiling():
+            no_offsets = torch.zeros(self.num_levels, 1, 2, device=device, dtype=dtype)
+            return _grid_priors_of(sizes, self.strides, self.offset, no_offsets)
+        points, _, strides = grid_centres(sizes, self.strides, self.offset, device, dtype, with_strides=True)
+        return points, strides
 
 
 def grid_centres(sizes: Sequence[tuple[int, int]], strides: Sequence[int], offset: float, device,
