@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from cvzoo.implicit.siren import _check_positive_float, _check_positive_int
+from cvzoo.implicit.siren import _check_mlp_sizes, _check_positive_float, _check_positive_int
 
 
 def _check_last_dim(name: str, x: Tensor, size: int) -> None:
@@ -111,10 +111,7 @@ class CoordinateMLP(nn.Module):
                  out_features: int = 3, *, encoding: nn.Module | None = None,
                  activation: Callable[[], nn.Module] = nn.ReLU) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("hidden_features", hidden_features)
-        _check_positive_int("hidden_layers", hidden_layers, minimum=0)
-        _check_positive_int("out_features", out_features)
+        _check_mlp_sizes(in_features, hidden_features, hidden_layers, out_features)
         self.in_features, self.out_features = in_features, out_features
         if encoding is not None:
             if getattr(encoding, "in_features", in_features) != in_features:

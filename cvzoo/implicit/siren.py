@@ -27,6 +27,15 @@ def _check_positive_int(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _check_mlp_sizes(in_features: object, hidden_features: object, hidden_layers: object,
+                     out_features: object) -> None:
+    """The four sizes every coordinate MLP here takes (`SIREN`, `CoordinateMLP`); hidden_layers may be 0."""
+    _check_positive_int("in_features", in_features)
+    _check_positive_int("hidden_features", hidden_features)
+    _check_positive_int("hidden_layers", hidden_layers, minimum=0)
+    _check_positive_int("out_features", out_features)
+
+
 def _check_positive_float(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -86,10 +95,7 @@ class SIREN(nn.Module):
                  out_features: int = 3, *, first_omega_0: float = 30.0, hidden_omega_0: float = 30.0,
                  outermost_linear: bool = True, bias_init: str = "siren") -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("hidden_features", hidden_features)
-        _check_positive_int("hidden_layers", hidden_layers, minimum=0)
-        _check_positive_int("out_features", out_features)
+        _check_mlp_sizes(in_features, hidden_features, hidden_layers, out_features)
         self.in_features, self.out_features = in_features, out_features
         layers: list[nn.Module] = [SineLayer(in_features, hidden_features, is_first=True, omega_0=first_omega_0,
                                              bias_init=bias_init)]
