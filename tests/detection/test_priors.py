@@ -106,6 +106,7 @@ def test_compiled_priors_come_from_the_opaque_operator_and_equal_eager():
     torch._dynamo.reset()
     got_anchors = torch.compile(lambda: anchors(sizes), backend=backend, fullgraph=True)()
     got_points, got_strides = torch.compile(lambda: points(sizes), backend=backend, fullgraph=True)()
+    torch._dynamo.reset()
     assert torch.equal(got_anchors, anchors(sizes))
     eager_points, eager_strides = points(sizes)
     assert torch.equal(got_points, eager_points) and torch.equal(got_strides, eager_strides)

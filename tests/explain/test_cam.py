@@ -270,8 +270,9 @@ def test_no_growth_over_a_thousand_calls():
     finally:
         torch.set_num_threads(threads)
     objects_after, tensors_after = _live_objects()
-    assert tensors_after == tensors
-    assert abs(objects_after - objects) < 50
+    # no growth; earlier tests' tensors freed meanwhile (caches released outside gc) may lower the count
+    assert tensors_after <= tensors
+    assert objects_after - objects < 50
     assert _num_hooks(model) == 0
 
 
