@@ -94,10 +94,7 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--hidden", type=int, default=256, help="SIREN width (default 256)")
     f.add_argument("--layers", type=int, default=3, help="hidden sine layers (default 3)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
-    f.add_argument("--progress", action="store_true", help="show a progress bar")
-    f.add_argument("--out", default=None, help="output folder (default runs/implicit-fit-PHOTO-SIZE)")
+    _add_run_arguments(f, "runs/implicit-fit-PHOTO-SIZE")
     f.set_defaults(func=cmd_fit_image)
     n = actions.add_parser("nerf", help="train a tiny NeRF on the synthetic sphere scene; held-out PSNR")
     n.add_argument("--views", type=int, default=24, help="rendered views in all (default 24)")
@@ -107,9 +104,14 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     n.add_argument("--batch-rays", type=int, default=512, help="random rays a step (default 512)")
     n.add_argument("--lr", type=float, default=1e-3)
     n.add_argument("--hidden", type=int, default=64, help="MLP width (default 64)")
-    n.add_argument("--seed", type=int, default=0)
-    n.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
-    n.add_argument("--progress", action="store_true", help="show a progress bar")
-    n.add_argument("--out", default=None, help="output folder (default runs/implicit-nerf-VIEWSxSIZE)")
+    _add_run_arguments(n, "runs/implicit-nerf-VIEWSxSIZE")
     n.set_defaults(func=cmd_nerf)
     return p
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """--seed, --device, --progress and --out, which both actions take."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--out", default=None, help=f"output folder (default {default_out})")

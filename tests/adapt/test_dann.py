@@ -40,14 +40,19 @@ def _backbone_grads(model, loss):
     return torch.cat([p.grad.flatten() for p in model.backbone.parameters()])
 
 
+def _reference_classification(model, images, targets):
+    """Pooled features and the cross-entropy of the labelled images, computed by hand."""
+    feats = pooled_features(model.backbone, images)
+    labelled = targets["label"] >= 0
+    return feats, F.cross_entropy(model.classifier(feats)[labelled], targets["label"][labelled])
+
+
 def test_features_receive_the_reversed_adversary_gradient():
     images, targets = _batch()
     model = _model(reversal=0.7).eval()
     got = _backbone_grads(model, model.loss(images, targets)["loss"])
     # reference, without the reversal layer: d(classification)/dθ - 0.7 * d(adversary)/dθ
-    feats = pooled_features(model.backbone, images)
-    labelled = targets["label"] >= 0
-    classification = F.cross_entropy(model.classifier(feats)[labelled], targets["label"][labelled])
+    feats, classification = _reference_classification(model, images, targets)
     g_cls = torch.autograd.grad(classification, list(model.backbone.parameters()), retain_graph=True)
     adversary = F.cross_entropy(model.adversary(feats), targets["domain"])
     g_adv = torch.autograd.grad(adversary, list(model.backbone.parameters()))
@@ -59,9 +64,7 @@ def test_reversal_zero_is_the_plain_model_with_a_probe():
     images, targets = _batch()
     model = _model(reversal=0.0).eval()
     got = _backbone_grads(model, model.loss(images, targets)["loss"])
-    feats = pooled_features(model.backbone, images)
-    labelled = targets["label"] >= 0
-    classification = F.cross_entropy(model.classifier(feats)[labelled], targets["label"][labelled])
+    _, classification = _reference_classification(model, images, targets)
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(classification, list(model.backbone.parameters()))])
     assert torch.allclose(got, expected, atol=1e-6)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adversary.parameters())
